@@ -1,0 +1,243 @@
+"""Runtime state of one forward pass, keyed by layer index, plus the ``visual_span`` context manager.
+
+One :class:`ForwardState` lives from the model's top-level pre-hook to its post-hook. Everything a layer
+needs is looked up by that layer's index (never a counter or a pop-from-a-list: gradient checkpointing
+re-runs a layer's forward during backward, and the recomputed attention simply finds its importance already
+recorded).
+
+Per-generation state (the compressed padding mask of each stage, needed by every decode step) lives on the
+KV cache object, whose lifetime is exactly the generation's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from libra_train.compress.stage import StagePlan, compress_sequence
+from libra_train.plugin.attention import query_attention
+from libra_train.plugin.config import LibraConfig
+
+IGNORE_INDEX = -100
+CACHE_ATTR = "_libra_stages"
+
+
+@dataclass
+class SpanOverride:
+    mask: torch.Tensor | None
+    query_index: torch.Tensor | None
+
+
+_SPAN: contextvars.ContextVar[SpanOverride | None] = contextvars.ContextVar("libra_visual_span", default=None)
+
+
+@contextlib.contextmanager
+def visual_span(mask: torch.Tensor | None = None, *, query_index: torch.Tensor | None = None) -> Iterator[None]:
+    """Tell the plug-in which positions are visual (and optionally which tokens are the queries).
+
+    For models or inputs without image tokens (a text LM fed ``inputs_embeds``), or to pin the compression
+    decision (e.g. compare an uncached forward of ``prompt + generated`` with cached generation).
+
+    Args:
+        mask: ``[B, L]`` bool, True at visual positions; None keeps the model's own (image token ids).
+        query_index: ``[B]`` or ``[B, Q]`` positions whose attention is the importance (after the image).
+    """
+    if query_index is not None and query_index.ndim == 1:
+        query_index = query_index[:, None]
+    token = _SPAN.set(SpanOverride(mask, query_index))
+    try:
+        yield
+    finally:
+        _SPAN.reset(token)
+
+
+def current_span() -> SpanOverride | None:
+    return _SPAN.get()
+
+
+@dataclass
+class CachedStage:
+    """What a decode step needs to know about one compression stage of the prefill."""
+
+    start_layer: int
+    valid: torch.Tensor  # [B, L'] the stage's padding mask at the end of the prefill
+    prefill_length: int  # L of the uncompressed prefill
+
+
+def query_positions(
+    labels: torch.Tensor | None, valid: torch.Tensor, visual: torch.Tensor, rule: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query token positions ``([B, Q], [B, Q] mask)``: whose attention on the visual tokens is the importance.
+
+    With labels (training): the token before each answer span (``answer_starts``) or before the first one only
+    (``last_instruction``). Without labels (inference): the last real token. Queries must come after the
+    sample's last visual token (a causal query before the image cannot see it); a sample left without any is
+    not compressed (its visual mask is cleared by the caller).
+    """
+    bsz, length = valid.shape
+    pos = torch.arange(length, device=valid.device)
+    if labels is None:
+        last = torch.where(valid, pos, -1).max(1).values
+        starts = torch.zeros_like(valid).scatter(1, last.clamp_min(0)[:, None], True) & (last >= 0)[:, None]
+    else:
+        supervised = labels != IGNORE_INDEX
+        begin = supervised & ~torch.nn.functional.pad(supervised, (1, 0))[:, :-1]  # first token of each answer
+        starts = torch.nn.functional.pad(begin, (0, 1))[:, 1:]  # the token before it
+        if rule == "last_instruction":
+            first = torch.where(starts, pos, length).min(1).values
+            starts = pos == first[:, None]
+    last_visual = torch.where(visual, pos, -1).max(1).values
+    starts = starts & valid & (pos > last_visual[:, None])
+    return _packed_indices(starts)
+
+
+def _packed_indices(flags: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of True entries per row, front-packed: ``([B, K], [B, K] mask)`` with ``K >= 1``."""
+    count = flags.sum(1)
+    width = max(int(count.max()) if flags.numel() else 0, 1)
+    order = torch.sort((~flags).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    return order, torch.arange(width, device=flags.device) < count[:, None]
+
+
+def gather_positions(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Gather rotary ``cos``/``sin`` along the sequence: ``[B|1, L, d]`` or M-RoPE ``[k, B|1, L, d]``."""
+    seq_dim = t.ndim - 2
+    bsz, new_len = source.shape
+    shape = list(t.shape)
+    shape[seq_dim - 1] = bsz
+    t = t.expand(shape)
+    index = source.view(*([1] * (t.ndim - 3)), bsz, new_len, 1).expand(*shape[:seq_dim], new_len, shape[-1])
+    return t.gather(seq_dim, index)
+
+
+@dataclass
+class ForwardState:
+    """The state of one forward pass of a model with Libra applied."""
+
+    config: LibraConfig
+    points: dict[int, float]  # compression layer -> ratio
+    text_config: object
+    visual: torch.Tensor  # [B, L] current visual span
+    valid: torch.Tensor  # [B, L] current padding mask
+    query_index: torch.Tensor  # [B, Q] current query positions
+    query_mask: torch.Tensor  # [B, Q]
+    position_map: torch.Tensor  # [B, L] original position of each current token (-1: compensation/padding)
+    labels: torch.Tensor | None = None
+    pad_left: bool = False
+    decode_stages: list[CachedStage] | None = None  # set in decode steps
+    importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] alpha
+    overrides: dict[str, object] = field(default_factory=dict)  # kwargs substituted into later layers
+    kept_per_stage: list[torch.Tensor] = field(default_factory=list)  # [B] visual tokens after each point
+    tokens_per_stage: list[torch.Tensor] = field(default_factory=list)  # [B] real tokens seen by each stage
+    compressed: bool = False
+    prefill_length: int = 0  # L of the uncompressed sequence
+    decode_masks: dict[int, object] = field(default_factory=dict)  # stage start layer -> 4-D mask (decode)
+
+    # -- prefill / training -------------------------------------------------------------------------------
+    def wants_importance(self, layer_idx: int | None) -> bool:
+        return (
+            self.decode_stages is None
+            and layer_idx in self.points
+            and layer_idx not in self.importance
+            and bool(self.visual.any())
+        )
+
+    def record_importance(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+        if key.shape[2] != self.valid.shape[1] or query.shape[2] != key.shape[2]:
+            raise RuntimeError(
+                f"Libra: layer {layer_idx} attention saw {query.shape[2]} queries / {key.shape[2]} keys but the "
+                f"plug-in tracks {self.valid.shape[1]} tokens; compression needs a prefill without a warm cache"
+            )
+        self.importance[layer_idx] = query_attention(
+            query, key, scaling, self.query_index, self.query_mask, self.valid
+        )
+
+    def compress(self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
+        """Compress the output of layer ``layer_idx - 1`` before layer ``layer_idx``; return the new hidden."""
+        from transformers.masking_utils import create_causal_mask
+
+        point = layer_idx - 1
+        alpha = self.importance.get(point)
+        if alpha is None:
+            raise RuntimeError(f"Libra: no importance was recorded at layer {point}: is the hybrid attention set?")
+        plan: StagePlan = compress_sequence(
+            hidden,
+            self.visual,
+            self.valid,
+            alpha,
+            self.points[point],
+            select=self.config.select_method,
+            merge=self.config.merge_method,
+            theta=self.config.theta,
+            lam=self.config.lam,
+            pad_left=self.pad_left,
+        )
+        old_embeddings = self.overrides.get("position_embeddings", layer_kwargs["position_embeddings"])
+        cos, sin = old_embeddings
+        bsz, new_len = plan.valid.shape
+        position_ids = torch.arange(new_len, device=hidden.device).expand(bsz, new_len)
+        cache = layer_kwargs.get("past_key_values")
+        mask = create_causal_mask(
+            config=self.text_config,
+            inputs_embeds=plan.hidden,
+            attention_mask=plan.valid,
+            past_key_values=cache,
+            position_ids=position_ids,
+            layer_idx=layer_idx if cache is not None else None,
+        )
+        # Original ids only feed the rotary embeddings; the mask and the layers see a contiguous range
+        # (transformers 5 reads gaps in position_ids as packed sequences).
+        self.overrides = {
+            "position_embeddings": (gather_positions(cos, plan.source), gather_positions(sin, plan.source)),
+            "attention_mask": mask,
+            "position_ids": position_ids,
+        }
+        self.position_map = torch.where(plan.kept, self.position_map.gather(1, plan.source), -1)
+        self.query_index = plan.dest.gather(1, self.query_index).clamp_min(0)
+        self.visual, self.valid = plan.visual, plan.valid
+        self.kept_per_stage.append(plan.result.num_tokens)
+        self.tokens_per_stage.append(plan.valid.sum(1))
+        self.compressed = True
+        if cache is not None:
+            stages = getattr(cache, CACHE_ATTR, None)
+            if stages is None:
+                stages = []
+                setattr(cache, CACHE_ATTR, stages)
+            stages.append(CachedStage(layer_idx, plan.valid, self.prefill_length))
+        return plan.hidden
+
+    # -- decode ------------------------------------------------------------------------------------------
+    def decode_mask(self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict):
+        """The 4-D mask of a decode step for layer ``layer_idx`` (None before the first compression stage).
+
+        The stage's cache holds its compressed prefill followed by the decoded tokens, so its 2-D padding mask
+        is the stage's prefill mask followed by the part of the step's mask after the uncompressed prefill.
+        """
+        from transformers.masking_utils import create_causal_mask
+
+        stage = None
+        for candidate in self.decode_stages:
+            if candidate.start_layer <= layer_idx:
+                stage = candidate
+        if stage is None:
+            return None
+        if stage.start_layer not in self.decode_masks:
+            cache = layer_kwargs["past_key_values"]
+            if self.valid is not None:  # the step's full 2-D mask: [B, L + decoded so far]
+                tail = self.valid[:, stage.prefill_length :]
+            else:
+                new = cache.get_seq_length(stage.start_layer) - stage.valid.shape[1] + hidden.shape[1]
+                tail = torch.ones((stage.valid.shape[0], new), dtype=torch.bool, device=stage.valid.device)
+            self.decode_masks[stage.start_layer] = create_causal_mask(
+                config=self.text_config,
+                inputs_embeds=hidden,
+                attention_mask=torch.cat([stage.valid, tail.to(stage.valid.device)], dim=1),
+                past_key_values=cache,
+                position_ids=layer_kwargs.get("position_ids"),
+                layer_idx=stage.start_layer,
+            )
+        return self.decode_masks[stage.start_layer]

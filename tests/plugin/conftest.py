@@ -1,0 +1,139 @@
+"""Tiny models built from configs (random weights, no download) for the plug-in tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+IMAGE_TOKEN = 3
+PAD = 0
+VOCAB = 64
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, **text_overrides) -> LlavaForConditionalGeneration:
+    """LLaVA with a 2-layer CLIP tower (16 px images, patch 4: 16 visual tokens) and a 6-layer Llama."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=llama_config(**text_overrides),
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn)
+    return model.eval()
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM._from_config(llama_config(**overrides), attn_implementation=attn).eval()
+
+
+N_VISUAL = 16  # (16 / 4) ** 2
+
+
+def llava_inputs(batch: int = 2, prefix: int = 3, suffix: int = 5, seed: int = 1, pad: tuple[int, ...] = ()):
+    """input_ids [B, L] with one image (16 tokens) after ``prefix`` text tokens, pixel_values, attention_mask.
+
+    ``pad[b]`` right-pads sample b with that many padding tokens (shortening its suffix).
+    """
+    g = torch.Generator().manual_seed(seed)
+    length = prefix + N_VISUAL + suffix
+    ids = torch.randint(4, VOCAB, (batch, length), generator=g)
+    ids[:, prefix : prefix + N_VISUAL] = IMAGE_TOKEN
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, p in enumerate(pad):
+        if p:
+            ids[b, length - p :] = PAD
+            mask[b, length - p :] = 0
+    pixels = torch.randn(batch, 3, 16, 16, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+@pytest.fixture
+def llava():
+    return tiny_llava()
+
+
+IGNORE = -100
+
+
+def llava_sample(
+    prefix: int = 3,
+    suffix: int = 6,
+    *,
+    image: bool = True,
+    answers: tuple[tuple[int, int], ...] = ((2, 4),),
+    seed: int = 0,
+) -> dict:
+    """One unpadded LLaVA sample: ``input_ids [L]``, ``labels [L]`` and ``pixel_values [3, 16, 16]`` (or None).
+
+    ``prefix`` text tokens, the image (16 tokens, absent when ``image=False``), ``suffix`` text tokens;
+    ``answers`` are ``[start, end)`` spans inside the suffix that are supervised (labels = ids), the rest is -100.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n_img = N_VISUAL if image else 0
+    ids = torch.randint(4, VOCAB, (prefix + n_img + suffix,), generator=g)
+    ids[prefix : prefix + n_img] = IMAGE_TOKEN
+    labels = torch.full_like(ids, IGNORE)
+    for start, end in answers:
+        labels[prefix + n_img + start : prefix + n_img + end] = ids[prefix + n_img + start : prefix + n_img + end]
+    pixels = torch.randn(3, 16, 16, generator=g) if image else None
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
+
+
+def collate(samples: list[dict], side: str = "right") -> dict:
+    """Pad samples from :func:`llava_sample` into a batch (``pixel_values`` only for samples with an image).
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` and, when some sample has an image, ``pixel_values``.
+    """
+    length = max(s["input_ids"].numel() for s in samples)
+    ids = torch.full((len(samples), length), PAD, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = s["input_ids"].numel()
+        where = slice(length - n, length) if side == "left" else slice(0, n)
+        ids[b, where], labels[b, where], mask[b, where] = s["input_ids"], s["labels"], 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    pixels = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    if pixels:
+        batch["pixel_values"] = torch.stack(pixels)
+    return batch
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models run fastest on one thread; several threads on a shared 2-core machine spin and stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
