@@ -88,7 +88,7 @@ def _identity(x: torch.Tensor, mask: torch.Tensor) -> BatchCompressionResult:
     index = torch.arange(n, device=x.device).expand(b, n)
     count = mask.sum(1)
     return BatchCompressionResult(
-        tokens=x,
+        tokens=x.masked_fill(~mask[..., None], 0.0),  # padding rows are zeros, as in the general path
         token_mask=mask,
         target_index=index.masked_fill(~mask, 0),
         target_mask=mask,

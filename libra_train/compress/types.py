@@ -96,14 +96,20 @@ def check_methods(select: str, merge: str, ratio: float) -> None:
 
 
 def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity ``[..., P, Q]`` between rows of ``a [..., P, D]`` and ``b [..., Q, D]``, in float32.
+    """Cosine similarity ``[..., P, Q]`` between rows of ``a [..., P, D]`` and ``b [..., Q, D]``, as float32.
 
     A zero vector has similarity 0 with everything. Both the single-sample and the batched forms use this one
-    function so that their decisions (argmax, threshold) are made on identical numbers.
+    function so that their decisions (argmax, threshold) are made on the same numbers.
+
+    Computed in float64 and rounded to float32: a GEMM's rounding depends on where a row sits in the blocked
+    product, so in float32 ``S[i, j]`` and ``S[j, i]``, or two identical targets, can differ in the last bit
+    and break the spec's exact-tie rules (earliest wins). The float64 differences vanish in the rounding to
+    float32 (barring a value on a float32 rounding boundary). The cost, ``O(P * Q * D)`` once per point, is
+    small next to a layer.
     """
-    a = F.normalize(a.float(), dim=-1, eps=1e-12)
-    b = F.normalize(b.float(), dim=-1, eps=1e-12)
-    return a @ b.transpose(-1, -2)
+    a = F.normalize(a.double(), dim=-1, eps=1e-12)
+    b = F.normalize(b.double(), dim=-1, eps=1e-12)
+    return (a @ b.transpose(-1, -2)).float()
 
 
 def importance_temperature(alpha: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,10 +17,10 @@ gradient checkpointing and run once per forward.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import warnings
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -56,6 +56,19 @@ def _image_token_ids(model: nn.Module) -> list[int]:
     return ids
 
 
+class LibraForward:
+    """The instance-level ``forward`` of a model with Libra applied (a callable object, not a closure, so that
+    ``copy.deepcopy(model)`` rebinds it to the copy's runtime and the copy's own forward)."""
+
+    def __init__(self, runtime: LibraRuntime, forward) -> None:
+        self.runtime = runtime
+        self.__wrapped__ = forward  # inspect.signature (used by generate) sees the model's own signature
+        functools.update_wrapper(self, forward, updated=())
+
+    def __call__(self, *args, **kwargs):
+        return self.runtime.run(self.__wrapped__, args, kwargs)
+
+
 class LibraRuntime:
     """Everything ``apply_libra`` attached to one model, and the state of the forward in flight."""
 
@@ -70,7 +83,7 @@ class LibraRuntime:
         # Filled after each compressing forward, for logging and benchmarks: per stage, [B] counts.
         self.last_visual_tokens: list[torch.Tensor] | None = None  # visual tokens (stage 0: all of them)
         self.last_tokens: list[torch.Tensor] | None = None  # real tokens each stage's layers see
-        self._handles: list[Any] = []
+        self._hook_ids: list[int] = []
         self._attn_configs = {id(layer.self_attn.config): layer.self_attn.config for layer in self.layers}
         self._attn_configs[id(self.decoder.config)] = self.decoder.config
         self._original_attn = {key: cfg._attn_implementation for key, cfg in self._attn_configs.items()}
@@ -81,22 +94,19 @@ class LibraRuntime:
             cfg._attn_implementation = register_hybrid_attention(self._original_attn[key] or "eager")
         for idx in self.points:
             self.layers[idx].self_attn._libra_runtime = self
-        first = min(self.points)
-        for idx in range(first + 1, len(self.layers)):
+        # Hook ids, not RemovableHandles: a handle keeps a weak reference to the original module's hook dict,
+        # so after copy.deepcopy(model) removing through it would unhook the original, not the copy.
+        self._hook_ids = []
+        for idx in range(min(self.points) + 1, len(self.layers)):
             hook = functools.partial(self._layer_pre_hook, idx)
-            self._handles.append(self.layers[idx].register_forward_pre_hook(hook, with_kwargs=True))
-        original_forward = model.forward
-
-        @functools.wraps(original_forward)
-        def forward(*args, **kwargs):
-            return self._run(original_forward, args, kwargs)
-
-        model.forward = forward
+            self._hook_ids.append(self.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).id)
+        model.forward = LibraForward(self, model.forward)
         setattr(model, RUNTIME_ATTR, self)
 
     def detach(self, model: nn.Module) -> None:
-        for handle in self._handles:
-            handle.remove()
+        for idx, hook_id in zip(range(min(self.points) + 1, len(self.layers)), self._hook_ids):
+            self.layers[idx]._forward_pre_hooks.pop(hook_id, None)
+            self.layers[idx]._forward_pre_hooks_with_kwargs.pop(hook_id, None)
         for idx in self.points:
             del self.layers[idx].self_attn._libra_runtime
         for key, cfg in self._attn_configs.items():
@@ -105,32 +115,43 @@ class LibraRuntime:
         delattr(model, RUNTIME_ATTR)
 
     # -- the forward -----------------------------------------------------------------------------------------
-    def _run(self, forward, args: tuple, kwargs: dict):
-        state = self._begin(args, kwargs)
+    def run(self, forward, args: tuple, kwargs: dict):
+        """One call of the wrapped ``forward``: arguments bound by name, so positional ones count too."""
+        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
+        call = dict(bound.arguments)
+        call.update(call.pop("kwargs", {}) if "kwargs" in inspect.signature(forward).parameters else {})
+        state = self._begin(call)
         if state is None:
+            self.last_visual_tokens = self.last_tokens = None
             return forward(*args, **kwargs)
-        labels = kwargs.pop("labels", None) if state.decode_stages is None else None
+        if state.decode_stages is not None:
+            self.forward = state
+            try:
+                return forward(**call)
+            finally:
+                self.forward = None
+        labels = call.pop("labels", None)
+        return_dict = call.pop("return_dict", None)
         self.forward = state
         try:
-            out = forward(*args, **kwargs)
+            out = forward(**call, return_dict=True)
         finally:
             self.forward = None
-        if state.decode_stages is not None:
-            return out
         self.last_visual_tokens = state.kept_per_stage
         self.last_tokens = state.tokens_per_stage
+        if labels is not None:  # replace(), not out["loss"] = ...: the loss must stay the first tuple entry
+            loss = libra_causal_lm_loss(
+                out.logits, labels, state.position_map, num_items_in_batch=call.get("num_items_in_batch")
+            )
+            out = dataclasses.replace(out, loss=loss)
         out["libra_position_map"] = state.position_map
         out["libra_attention_mask"] = state.valid
-        if labels is not None:
-            out["loss"] = libra_causal_lm_loss(
-                out.logits, labels, state.position_map, num_items_in_batch=kwargs.get("num_items_in_batch")
-            )
-        return out
+        return out if return_dict is not False else out.to_tuple()
 
-    def _begin(self, args: tuple, kwargs: dict) -> ForwardState | None:
+    def _begin(self, kwargs: dict) -> ForwardState | None:
         if not self.config.enabled:
             return None
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        input_ids = kwargs.get("input_ids")
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError("Libra needs a 2-D padding mask (attention_mask [B, L]); got a prepared 4-D mask")
@@ -234,11 +255,11 @@ def apply_libra(model: nn.Module, config: LibraConfig | None = None) -> nn.Modul
 
 def remove_libra(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_libra` exactly (hooks, forward wrapper, attention implementation)."""
-    runtime = getattr(model, RUNTIME_ATTR, None)
-    if runtime is None:
+    owner = next((m for m in model.modules() if RUNTIME_ATTR in vars(m)), None)
+    if owner is None:
         warnings.warn("remove_libra: Libra is not applied to this model; nothing changed", stacklevel=2)
         return model
-    runtime.detach(model)
+    vars(owner)[RUNTIME_ATTR].detach(owner)
     return model
 
 

@@ -131,7 +131,9 @@ class ForwardState:
     decode_stages: list[CachedStage] | None = None  # set in decode steps
     importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] alpha
     overrides: dict[str, object] = field(default_factory=dict)  # kwargs substituted into later layers
-    kept_per_stage: list[torch.Tensor] = field(default_factory=list)  # [B] visual tokens after each point
+    # [B] visual-derived tokens (merged targets + every compensation token so far) at each stage
+    kept_per_stage: list[torch.Tensor] = field(default_factory=list)
+    compensation: torch.Tensor | int = 0  # [B] compensation tokens carried so far
     tokens_per_stage: list[torch.Tensor] = field(default_factory=list)  # [B] real tokens seen by each stage
     compressed: bool = False
     prefill_length: int = 0  # L of the uncompressed sequence
@@ -161,6 +163,10 @@ class ForwardState:
         from transformers.masking_utils import create_causal_mask
 
         point = layer_idx - 1
+        if self.points[point] == 0.0:  # nothing removed: keep the layout (and padding rows) untouched
+            self.kept_per_stage.append(self.kept_per_stage[-1])
+            self.tokens_per_stage.append(self.tokens_per_stage[-1])
+            return hidden
         alpha = self.importance.get(point)
         if alpha is None:
             raise RuntimeError(f"Libra: no importance was recorded at layer {point}: is the hybrid attention set?")
@@ -199,7 +205,8 @@ class ForwardState:
         self.position_map = torch.where(plan.kept, self.position_map.gather(1, plan.source), -1)
         self.query_index = plan.dest.gather(1, self.query_index).clamp_min(0)
         self.visual, self.valid = plan.visual, plan.valid
-        self.kept_per_stage.append(plan.result.num_tokens)
+        self.compensation = self.compensation + plan.result.has_compensation.long()
+        self.kept_per_stage.append(plan.result.num_targets + self.compensation)
         self.tokens_per_stage.append(plan.valid.sum(1))
         self.compressed = True
         if cache is not None:

@@ -39,7 +39,12 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, **text_overrides) -> LlavaForC
     """LLaVA with a 2-layer CLIP tower (16 px images, patch 4: 16 visual tokens) and a 6-layer Llama."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
     )
     config = LlavaConfig(
         vision_config=vision,
@@ -105,7 +110,9 @@ def llava_sample(
     ids[prefix : prefix + n_img] = IMAGE_TOKEN
     labels = torch.full_like(ids, IGNORE)
     for start, end in answers:
-        labels[prefix + n_img + start : prefix + n_img + end] = ids[prefix + n_img + start : prefix + n_img + end]
+        labels[prefix + n_img + start : prefix + n_img + end] = ids[
+            prefix + n_img + start : prefix + n_img + end
+        ]
     pixels = torch.randn(3, 16, 16, generator=g) if image else None
     return {"input_ids": ids, "labels": labels, "pixel_values": pixels}
 

@@ -37,7 +37,12 @@ def _rows(counts: list[int], make_row) -> list[torch.Tensor]:
 def tiny_llava_next():
     torch.manual_seed(0)
     vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=4
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
     )
     config = LlavaNextConfig(
         vision_config=vision,
@@ -69,7 +74,12 @@ def llava_next_batch(model) -> tuple[dict, list[int]]:
         return r
 
     ids, mask = _left_padded(_rows(counts, row))
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_sizes": image_sizes}, counts
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixel_values,
+        "image_sizes": image_sizes,
+    }, counts
 
 
 def test_llava_next_batched_equals_per_sample_with_different_visual_counts():
@@ -93,8 +103,10 @@ def test_llava_next_batched_equals_per_sample_with_different_visual_counts():
             )
             real = out.libra_attention_mask[b]
             torch.testing.assert_close(out.logits[b][real], single.logits[0], atol=1e-5, rtol=1e-5)
-            assert torch.equal(out.libra_position_map[b][real] - (length - n) * (out.libra_position_map[b][real] >= 0),
-                               single.libra_position_map[0])
+            assert torch.equal(
+                out.libra_position_map[b][real] - (length - n) * (out.libra_position_map[b][real] >= 0),
+                single.libra_position_map[0],
+            )
 
 
 def test_llava_next_generation_cached_equals_uncached():
@@ -130,8 +142,15 @@ def tiny_qwen2_vl():
             eos_token_id=2,
         ),
         vision_config=dict(
-            depth=1, embed_dim=16, hidden_size=32, num_heads=2, patch_size=2, spatial_merge_size=2,
-            temporal_patch_size=2, in_channels=3, mlp_ratio=2,
+            depth=1,
+            embed_dim=16,
+            hidden_size=32,
+            num_heads=2,
+            patch_size=2,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            mlp_ratio=2,
         ),
         image_token_id=IMAGE_TOKEN,
         video_token_id=5,
@@ -155,8 +174,13 @@ def qwen_batch() -> dict:
 
     ids, mask = _left_padded(_rows(counts, row))
     mm = (ids == IMAGE_TOKEN).long()
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values, "image_grid_thw": thw,
-            "mm_token_type_ids": mm}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixel_values,
+        "image_grid_thw": thw,
+        "mm_token_type_ids": mm,
+    }
 
 
 @pytest.mark.parametrize("method", ["libra", "fastv"])
@@ -180,7 +204,9 @@ def test_qwen2_vl_batched_equals_per_sample_and_remove_restores(method):
                 mm_token_type_ids=batch["mm_token_type_ids"][b : b + 1, length - n :],
             )
             offset += patches
-            torch.testing.assert_close(out.logits[b][out.libra_attention_mask[b]], single.logits[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                out.logits[b][out.libra_attention_mask[b]], single.logits[0], atol=1e-5, rtol=1e-5
+            )
         remove_libra(model)
         assert torch.equal(model(**batch).logits, reference)
 
@@ -195,8 +221,10 @@ def test_qwen2_vl_generation_cached_equals_uncached():
         ids, mask, mm = batch["input_ids"], batch["attention_mask"], batch["mm_token_type_ids"]
         for _ in range(4):
             with visual_span(None, query_index=torch.full((2,), length - 1)):
-                out = model(**{**batch, "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm},
-                            use_cache=False)
+                out = model(
+                    **{**batch, "input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm},
+                    use_cache=False,
+                )
             ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
             mm = torch.cat([mm, torch.zeros(2, 1, dtype=mm.dtype)], 1)
