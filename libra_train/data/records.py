@@ -1,0 +1,268 @@
+"""Conversation records: read LLaVA / HF-messages JSON(L) files into one normalised schema.
+
+Two input formats are accepted, in `.json` (one array) or `.jsonl` (one record a line) files, and may even be
+mixed in one file:
+
+* LLaVA: ``{"id", "image": str | [str] (optional), "conversations": [{"from": "human"|"gpt"|"system",
+  "value": str}]}`` with ``<image>`` placeholders in the text and image paths relative to an image folder.
+* HF messages: ``{"id" (optional), "messages": [{"role": "user"|"assistant"|"system", "content": str |
+  [{"type": "text", "text"} | {"type": "image"}]}], "images": [str] (optional)}``.
+
+Both become a `Record`: an id, a list of image paths and a list of ``(role, text)`` turns with roles
+``system`` / ``user`` / ``assistant`` and one ``<image>`` placeholder per image.
+
+Why not `datasets.load_dataset("json")`: it does read LLaVA's mixed schemas (records with and without "image",
+"image" a string in some records and a list in others, int or str ids), but it types such mixed columns as
+`Json` and then decodes every string in them as JSON: the id "000000033471" comes back as the int 33471,
+an answer "5" as 5, "null" as None (checked with datasets 5.2). So the file is read with `json`, every record is
+normalised in Python to one fixed schema (no mixed types left), and `datasets.Dataset.from_dict` stores the
+rows in Arrow, which DataLoader workers share without the copy-on-read growth of 665k Python dicts. Problems
+are recorded per row instead of raised, so that all problems of a file are reported at once (or skipped and
+counted).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+MAX_LISTED_PROBLEMS = 10
+
+
+class DataError(ValueError):
+    """A sample that cannot be turned into a training example.
+
+    ``DataError(sample_id, reason, message, source)`` words the message as "sample 'id' in file: message".
+    ``DataError(text)`` keeps `text` as it is: DataLoader workers re-raise errors that way, and pickling
+    goes through it too, so the error crosses process boundaries as a DataError.
+
+    Attributes:
+        sample_id: the record's id (LLaVA "id", else ``<file name>:<row>``).
+        reason: short code used for the skip counter (``missing_image``, ``no_labels``, ...).
+    """
+
+    def __init__(
+        self, sample_id: str, reason: str | None = None, message: str | None = None, source: str | None = None
+    ):
+        if reason is None and message is None:
+            super().__init__(sample_id)
+            self.sample_id, self.reason = "", "bad_sample"
+            return
+        where = f" in {source}" if source else ""
+        super().__init__(f"sample {sample_id!r}{where}: {message}")
+        self.sample_id = sample_id
+        self.reason = reason
+
+    @classmethod
+    def from_message(cls, sample_id: str, reason: str, message: str) -> DataError:
+        """Rebuild an error from its full message (rows of `load_records` keep the message)."""
+        err = cls(message)
+        err.sample_id, err.reason = sample_id, reason
+        return err
+
+    def __reduce__(self):
+        return (_rebuild_data_error, (str(self), self.sample_id, self.reason))
+
+
+def _rebuild_data_error(message: str, sample_id: str, reason: str) -> DataError:
+    return DataError.from_message(sample_id, reason, message)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One normalised conversation.
+
+    Attributes:
+        id: sample id (string).
+        images: image paths as written in the file (relative to the image folder unless absolute).
+        turns: ``(role, text)`` pairs, role in {"system", "user", "assistant"}; texts hold ``<image>``
+            placeholders, one per entry of `images`, in order.
+        source: the file the record came from (for error messages).
+        index: its row in that file.
+    """
+
+    id: str
+    images: list[str]
+    turns: list[tuple[str, str]]
+    source: str = ""
+    index: int = -1
+
+
+def _content_to_text(content: Any) -> str:
+    """HF content (a string, or a list of text/image parts) -> text with ``<image>`` placeholders."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise TypeError(f"content must be a string or a list of parts, got {type(content).__name__}")
+    pieces = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            pieces.append(part["text"])
+        elif kind == "image":
+            pieces.append(IMAGE_PLACEHOLDER + "\n")
+        else:
+            raise TypeError(f"content part must be {{'type': 'text'|'image'}}, got {part!r}")
+    return "".join(pieces)
+
+
+def normalize_record(raw: dict[str, Any], index: int, source: str = "") -> Record:
+    """Turn one raw LLaVA or HF-messages record into a `Record`.
+
+    Args:
+        raw: the decoded JSON object.
+        index: its row in the file (used for the id when the record has none).
+        source: the file name, for error messages.
+
+    Raises:
+        DataError: unknown format or role, roles that do not alternate user/assistant (after an optional
+            system turn), no assistant turn, or a ``<image>`` count different from the number of images.
+    """
+    sample_id = str(raw["id"]) if raw.get("id") is not None else f"{Path(source).name}:{index}"
+
+    def fail(reason: str, message: str) -> DataError:
+        return DataError(sample_id, reason, message, source)
+
+    try:
+        if raw.get("conversations") is not None:
+            turns = [(ROLE_ALIASES.get(t["from"], t["from"]), t["value"]) for t in raw["conversations"]]
+            images = raw.get("image")
+        elif raw.get("messages") is not None:
+            turns = [
+                (ROLE_ALIASES.get(m["role"], m["role"]), _content_to_text(m["content"]))
+                for m in raw["messages"]
+            ]
+            images = raw.get("images")
+        else:
+            raise fail("bad_format", "no 'conversations' (LLaVA) or 'messages' (HF) list; see data/README.md")
+    except (KeyError, TypeError) as err:
+        raise fail(
+            "bad_format", f"malformed turn ({err}); see data/README.md for the accepted formats"
+        ) from err
+    images = [] if images is None else [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise fail("bad_format", f"image paths must be non-empty strings, got {images!r}")
+    for role, text in turns:
+        if role not in ("system", "user", "assistant") or not isinstance(text, str):
+            raise fail("bad_format", f"unknown role {role!r} or non-string text")
+    chat = turns[1:] if turns and turns[0][0] == "system" else turns
+    expected = ["user", "assistant"] * (len(chat) // 2 + 1)
+    if not chat or [r for r, _ in chat] != expected[: len(chat)]:
+        raise fail(
+            "bad_roles", "turns must alternate user/assistant, starting with user (after one optional system)"
+        )
+    if not any(r == "assistant" for r, _ in chat):
+        raise fail("no_labels", "no assistant turn: nothing to train on")
+    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if n_placeholders != len(images):
+        raise fail(
+            "image_count_mismatch",
+            f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s); put exactly one "
+            f"{IMAGE_PLACEHOLDER} in the text per image (LLaVA: '{IMAGE_PLACEHOLDER}\\n' before the first question)",
+        )
+    return Record(sample_id, images, turns, source, index)
+
+
+FEATURES = datasets.Features(
+    {
+        "id": datasets.Value("string"),
+        "images": datasets.List(datasets.Value("string")),
+        "roles": datasets.List(datasets.Value("string")),
+        "texts": datasets.List(datasets.Value("string")),
+        "index": datasets.Value("int64"),
+        "reason": datasets.Value("string"),
+        "error": datasets.Value("string"),
+    }
+)
+
+
+def read_json_records(path: Path) -> list[Any]:
+    """A JSON array file, or a JSON-lines file (`.jsonl`, or any file not starting with "["), as a list."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+    records = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {line_no}: not valid JSON ({err})") from err
+    return records
+
+
+def load_records(path: str | Path) -> datasets.Dataset:
+    """Read a LLaVA / HF-messages `.json` or `.jsonl` file into a normalised `datasets.Dataset`.
+
+    Args:
+        path: the JSON (array) or JSONL file.
+
+    Returns:
+        A dataset with columns ``id, images, roles, texts, index, reason, error``; rows that failed to
+        normalise have a non-empty ``reason`` (a `DataError` code) and ``error`` (its message).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data file {path} does not exist (see data/README.md for how to get the data)"
+        )
+    columns: dict[str, list] = {name: [] for name in FEATURES}
+    for index, raw in enumerate(read_json_records(path)):
+        try:
+            if not isinstance(raw, dict):
+                raise DataError(
+                    f"{path.name}:{index}", "bad_format", "a record must be a JSON object", str(path)
+                )
+            rec, reason, error = normalize_record(raw, index, str(path)), "", ""
+        except DataError as err:
+            rec, reason, error = Record(err.sample_id, [], [], str(path), index), err.reason, str(err)
+        columns["id"].append(rec.id)
+        columns["images"].append(rec.images)
+        columns["roles"].append([r for r, _ in rec.turns])
+        columns["texts"].append([t for _, t in rec.turns])
+        columns["index"].append(index)
+        columns["reason"].append(reason)
+        columns["error"].append(error)
+    return datasets.Dataset.from_dict(columns, features=FEATURES)
+
+
+def row_to_record(row: dict[str, Any], source: str = "") -> Record:
+    """A row of `load_records`' dataset -> `Record`."""
+    return Record(row["id"], list(row["images"]), list(zip(row["roles"], row["texts"])), source, row["index"])
+
+
+def summarize_problems(errors: list[str], reasons: Counter, hint: str) -> str:
+    """One message for many bad samples: counts per reason, the first few messages, and what to do."""
+    listed = "\n  ".join(errors[:MAX_LISTED_PROBLEMS])
+    more = (
+        f"\n  ... and {len(errors) - MAX_LISTED_PROBLEMS} more" if len(errors) > MAX_LISTED_PROBLEMS else ""
+    )
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items()))
+    return f"{len(errors)} bad sample(s) ({counts}):\n  {listed}{more}\n{hint}"
+
+
+def dump_records(records: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write records as a LLaVA-style JSON array (`.json`) or JSON lines (`.jsonl`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records, indent=1))
+    return path
