@@ -17,6 +17,8 @@ _LAZY = {
     "remove_libra": "libra_train.plugin",
     "visual_span": "libra_train.plugin",
     "libra_causal_lm_loss": "libra_train.plugin",
+    "load": "libra_train.infer",
+    "export_checkpoint": "libra_train.export",
 }
 
 __all__ = ["__version__", *_LAZY]

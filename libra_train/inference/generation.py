@@ -1,0 +1,173 @@
+"""Batched generation with the training chat template: queries -> left-padded inputs -> ``model.generate``.
+
+Prompts are rendered by the data package (``libra_train.data.templates.render`` with
+``add_generation_prompt=True``) and images are read and padded by its ``Encoder``, so a question is shown to
+the model exactly as in training. Batches are left-padded, so every prompt ends at the same position and the
+last prompt token (the query of Libra's importance in prefill) is each row's last position.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from libra_train.data.encode import Encoder
+from libra_train.data.records import IMAGE_PLACEHOLDER, Record
+from libra_train.data.templates import render
+
+__all__ = ["Generation", "Query", "build_inputs", "find_runtime", "generate"]
+
+
+@dataclass
+class Query:
+    """One generation request.
+
+    Attributes:
+        turns: ``(role, text)`` pairs ending with a user turn; one ``<image>`` placeholder per image.
+        images: image paths (relative to the image folder unless absolute).
+        id: a name for messages (sample id, image path).
+    """
+
+    turns: list[tuple[str, str]]
+    images: list[str] = field(default_factory=list)
+    id: str = ""
+
+    @classmethod
+    def single(cls, question: str, image: str | None = None, id: str = "") -> Query:
+        """A one-turn question about at most one image (the placeholder is added when missing)."""
+        if image is not None and IMAGE_PLACEHOLDER not in question:
+            question = f"{IMAGE_PLACEHOLDER}\n{question}"
+        return cls([("user", question)], [image] if image is not None else [], id or (image or "text"))
+
+
+@dataclass
+class Generation:
+    """The answer to one query.
+
+    Attributes:
+        text: decoded answer, special tokens removed, stripped.
+        token_ids: generated ids up to and including the end-of-sequence token.
+        visual_tokens: visual tokens of this sample per compression stage (stage 0 = all of them, then after
+            each point; one entry without compression; empty for a text-only query).
+    """
+
+    text: str
+    token_ids: list[int]
+    visual_tokens: list[int]
+
+
+def find_runtime(model: nn.Module) -> Any:
+    """The Libra runtime on ``model`` or on a module inside it (a peft wrapper), else None."""
+    from libra_train.plugin.apply import RUNTIME_ATTR
+
+    for module in model.modules():
+        runtime = vars(module).get(RUNTIME_ATTR)
+        if runtime is not None:
+            return runtime
+    return None
+
+
+def build_inputs(
+    processor: Any,
+    queries: Sequence[Query],
+    template: str,
+    image_folder: str | os.PathLike | None = None,
+) -> Any:
+    """Render, read the images and tokenize a batch of queries, left-padded.
+
+    Raises:
+        libra_train.data.DataError: an image is missing or cannot be decoded (the message names the file).
+    """
+    encoder = Encoder(processor, template, max_length=1 << 30, image_folder=image_folder)
+    texts, images = [], []
+    for query in queries:
+        if not query.turns or query.turns[-1][0] != "user":
+            raise ValueError(f"query {query.id!r}: the conversation must end with a user turn")
+        record = Record(query.id, list(query.images), list(query.turns))
+        texts.append(render(template, record.turns, processor, add_generation_prompt=True).text)
+        images += [encoder.load_image(record, path) for path in record.images]
+    tokenizer = getattr(processor, "tokenizer", processor)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+
+
+def _visual_counts(model: nn.Module, runtime: Any, input_ids: torch.Tensor) -> list[list[int]]:
+    if runtime is not None and runtime.last_visual_tokens is not None:
+        stages = [t.tolist() for t in runtime.last_visual_tokens]
+    else:  # no compression in this forward: the image tokens of the prompt
+        image_token = getattr(model.config, "image_token_id", None)
+        stages = (
+            [(input_ids == image_token).sum(1).tolist()]
+            if image_token is not None
+            else [[0] * len(input_ids)]
+        )
+    return [[int(s[b]) for s in stages] if stages[0][b] else [] for b in range(len(input_ids))]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    processor: Any,
+    queries: Sequence[Query],
+    *,
+    template: str,
+    image_folder: str | os.PathLike | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+) -> list[Generation]:
+    """Answer a batch of queries in one ``model.generate`` call (KV cache on; Libra compresses in prefill).
+
+    Args:
+        model: a VLM, with Libra applied or not (``libra_train.infer.load``).
+        processor: its processor.
+        queries: the batch.
+        template: ``vicuna_v1`` or ``chat_template`` (``libra_train.infer.prompt_template(export_dir)``).
+        image_folder: folder relative image paths are resolved against.
+        max_new_tokens: most tokens generated per query.
+        do_sample: sample instead of greedy decoding (seed with ``torch.manual_seed`` for repeatability).
+        temperature, top_p: sampling parameters (ignored when greedy).
+
+    Returns:
+        One :class:`Generation` per query, in order.
+    """
+    inputs = build_inputs(processor, queries, template, image_folder).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    sampling: dict[str, float] = {}
+    if do_sample:
+        sampling["temperature"] = temperature
+        if top_p is not None:
+            sampling["top_p"] = top_p
+    runtime = find_runtime(model)
+    if runtime is not None:
+        runtime.last_visual_tokens = None
+    output = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    new = output[:, inputs["input_ids"].shape[1] :].cpu()  # [B, T]: left padding, every prompt ends here
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    results = []
+    for b, counts in enumerate(_visual_counts(model, runtime, inputs["input_ids"].cpu())):
+        ids = new[b].tolist()
+        cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
+        text = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
+        results.append(Generation(text, ids[:cut], counts))
+    return results
