@@ -180,7 +180,8 @@ def compress_visual_tokens_batched(
     else:
         # Dense weight matrix W[b, g, j] = weight of token j in group g; tokens = W @ x (float32 accumulate).
         w = torch.zeros((bsz, width + 2, n_max), device=device).scatter(1, scratch[:, None, :], weights[:, None])
-        tokens = (w[:, :m] @ x.float()).to(x.dtype)
+        # Padding rows are zeroed: their weight is 0, but 0 * inf/NaN would still poison the product.
+        tokens = (w[:, :m] @ x.float().masked_fill(~mask[..., None], 0.0)).to(x.dtype)
     return BatchCompressionResult(
         tokens=tokens[:, :m],
         token_mask=torch.arange(m, device=device) < num_out[:, None],

@@ -1,7 +1,7 @@
 """Libra-Merging of one sample, written to read like the spec (shared/DESIGN.md section 1).
 
-This is the reference the batched form is tested against; it favours clarity over speed (a loop over
-targets, never over tokens x targets).
+This is the reference the batched form is tested against; it favours clarity over speed (Python loops over
+intervals, non-targets and groups).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def compress_visual_tokens(
     weights = torch.zeros(n, dtype=torch.float32, device=x.device)
     tokens = []
     for i in range(n_t + 1):
-        members = [j for j in range(n) if assignment[j] == i]
+        members = (assignment == i).nonzero().flatten().tolist()
         if not members:  # only the compensation group can be empty
             continue
         if merge == "mean":
