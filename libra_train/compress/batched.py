@@ -141,7 +141,9 @@ def compress_visual_tokens_batched(
         where = target.masked_fill(~tmask, n_max)
         is_target = torch.zeros((bsz, n_max + 1), dtype=torch.bool, device=device).scatter(1, where, True)
         is_target = is_target[:, :n_max]  # [B, N]
-        own = torch.zeros((bsz, n_max + 1), dtype=torch.long, device=device).scatter(1, where, slot)[:, :n_max]
+        own = torch.zeros((bsz, n_max + 1), dtype=torch.long, device=device).scatter(1, where, slot)[
+            :, :n_max
+        ]
 
         sim = cosine_matrix(xd.gather(1, target[..., None].expand(-1, -1, x.shape[2])), xd)  # [B, T, N]
         sim = sim.masked_fill(~tmask[..., None], _NEG_INF)
@@ -179,7 +181,9 @@ def compress_visual_tokens_batched(
         tokens = tokens * tmask[..., None].to(x.dtype)
     else:
         # Dense weight matrix W[b, g, j] = weight of token j in group g; tokens = W @ x (float32 accumulate).
-        w = torch.zeros((bsz, width + 2, n_max), device=device).scatter(1, scratch[:, None, :], weights[:, None])
+        w = torch.zeros((bsz, width + 2, n_max), device=device).scatter(
+            1, scratch[:, None, :], weights[:, None]
+        )
         # Padding rows are zeroed: their weight is 0, but 0 * inf/NaN would still poison the product.
         tokens = (w[:, :m] @ x.float().masked_fill(~mask[..., None], 0.0)).to(x.dtype)
     return BatchCompressionResult(

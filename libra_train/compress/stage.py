@@ -130,13 +130,22 @@ def compress_sequence(
         where = dest.masked_fill(~keep, spare)
         rows = torch.full((bsz, new_len + 1), zero_row, dtype=torch.long, device=device)
         rows = rows.scatter(1, where, row)
-        source = torch.zeros((bsz, new_len + 1), dtype=torch.long, device=device).scatter(1, where, pos.expand_as(where))
+        source = torch.zeros((bsz, new_len + 1), dtype=torch.long, device=device).scatter(
+            1, where, pos.expand_as(where)
+        )
         kept = torch.zeros((bsz, new_len + 1), dtype=torch.bool, device=device).scatter(1, where, True)
-        new_visual = torch.zeros((bsz, new_len + 1), dtype=torch.bool, device=device).scatter(1, where, is_target)
+        new_visual = torch.zeros((bsz, new_len + 1), dtype=torch.bool, device=device).scatter(
+            1, where, is_target
+        )
         comp_where = comp_dest.masked_fill(~has_comp, spare)[:, None]
         rows = rows.scatter(1, comp_where, (merged_row[:, 0] + result.num_targets)[:, None])
         source = source.scatter(1, comp_where, last_vis[:, None])
-        rows, source, kept, new_visual = rows[:, :new_len], source[:, :new_len], kept[:, :new_len], new_visual[:, :new_len]
+        rows, source, kept, new_visual = (
+            rows[:, :new_len],
+            source[:, :new_len],
+            kept[:, :new_len],
+            new_visual[:, :new_len],
+        )
         new_valid = kept | (torch.arange(new_len + 1, device=device) == comp_where)[:, :new_len]
 
     bank = torch.cat([hidden.reshape(-1, dim), result.tokens.reshape(-1, dim), hidden.new_zeros(1, dim)])

@@ -119,8 +119,5 @@ def importance_temperature(alpha: torch.Tensor, mask: torch.Tensor | None = None
     makes every logit 0, i.e. plain averaging, instead of NaN.
     """
     alpha = alpha.float()
-    if mask is None:
-        tau = alpha.mean(-1)
-    else:
-        tau = (alpha * mask).sum(-1) / mask.sum(-1).clamp_min(1)
+    tau = alpha.mean(-1) if mask is None else (alpha * mask).sum(-1) / mask.sum(-1).clamp_min(1)
     return tau.clamp_min(torch.finfo(torch.float32).tiny)

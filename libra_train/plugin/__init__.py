@@ -5,4 +5,11 @@ from libra_train.plugin.config import LibraConfig
 from libra_train.plugin.loss import libra_causal_lm_loss
 from libra_train.plugin.state import visual_span
 
-__all__ = ["LibraConfig", "apply_libra", "libra_causal_lm_loss", "libra_runtime", "remove_libra", "visual_span"]
+__all__ = [
+    "LibraConfig",
+    "apply_libra",
+    "libra_causal_lm_loss",
+    "libra_runtime",
+    "remove_libra",
+    "visual_span",
+]

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import inspect
 import warnings
+
 import torch
 from torch import nn
 
@@ -154,7 +155,9 @@ class LibraRuntime:
         input_ids = kwargs.get("input_ids")
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError("Libra needs a 2-D padding mask (attention_mask [B, L]); got a prepared 4-D mask")
+            raise ValueError(
+                "Libra needs a 2-D padding mask (attention_mask [B, L]); got a prepared 4-D mask"
+            )
         cache = kwargs.get("past_key_values")
         stages = getattr(cache, CACHE_ATTR, None) if cache is not None else None
         if stages and cache.get_seq_length() > 0:  # a decode step after a compressing prefill
@@ -179,9 +182,7 @@ class LibraRuntime:
         if not bool(visual.any()):
             return None
         bsz, length = visual.shape
-        valid = (
-            torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
-        )
+        valid = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
         if span is not None and span.query_index is not None:
             query_index = span.query_index.to(visual.device)
             query_mask = torch.ones_like(query_index, dtype=torch.bool)
@@ -248,7 +249,9 @@ def apply_libra(model: nn.Module, config: LibraConfig | None = None) -> nn.Modul
         return model
     for cfg in {id(m.config): m.config for m in [find_decoder(model)]}.values():
         if str(cfg._attn_implementation or "").startswith(PREFIX):
-            raise ValueError("the model's attention is already a Libra wrapper (copied from a patched model?)")
+            raise ValueError(
+                "the model's attention is already a Libra wrapper (copied from a patched model?)"
+            )
     LibraRuntime(model, config).attach(model)
     return model
 

@@ -17,7 +17,6 @@ import inspect
 from collections.abc import Callable
 
 import torch
-
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -63,7 +62,9 @@ def query_attention(
 
 
 def _backend(name: str, module: torch.nn.Module) -> Callable:
-    if name == "eager":  # eager is not in the registry: each modeling file has its own eager_attention_forward
+    if (
+        name == "eager"
+    ):  # eager is not in the registry: each modeling file has its own eager_attention_forward
         return inspect.getmodule(type(module)).eager_attention_forward
     return ALL_ATTENTION_FUNCTIONS[name]
 

@@ -61,15 +61,23 @@ class LibraConfig:
             raise ValueError(f"LibraConfig.method={self.method!r} is not one of {sorted(METHOD_PRESETS)}")
         self.layers = [int(layer) for layer in self.layers]
         if not self.layers:
-            raise ValueError("LibraConfig.layers is empty: give at least one compression point (or enabled=False)")
+            raise ValueError(
+                "LibraConfig.layers is empty: give at least one compression point (or enabled=False)"
+            )
         if any(b <= a for a, b in zip(self.layers, self.layers[1:])) or self.layers[0] < 0:
-            raise ValueError(f"LibraConfig.layers={self.layers} must be non-negative, sorted and without duplicates")
+            raise ValueError(
+                f"LibraConfig.layers={self.layers} must be non-negative, sorted and without duplicates"
+            )
         ratios = self.ratios
         if len(ratios) != len(self.layers):
-            raise ValueError(f"LibraConfig.ratio has {len(ratios)} values for {len(self.layers)} layers {self.layers}")
+            raise ValueError(
+                f"LibraConfig.ratio has {len(ratios)} values for {len(self.layers)} layers {self.layers}"
+            )
         for r in ratios:
             if not 0.0 <= r < 1.0:
-                raise ValueError(f"LibraConfig.ratio={self.ratio}: each ratio must be in [0, 1) (fraction removed)")
+                raise ValueError(
+                    f"LibraConfig.ratio={self.ratio}: each ratio must be in [0, 1) (fraction removed)"
+                )
         if self.select is not None and self.select not in SELECT_METHODS:
             raise ValueError(f"LibraConfig.select={self.select!r} is not one of {SELECT_METHODS}")
         if self.merge is not None and self.merge not in MERGE_METHODS:

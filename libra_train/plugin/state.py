@@ -36,7 +36,9 @@ _SPAN: contextvars.ContextVar[SpanOverride | None] = contextvars.ContextVar("lib
 
 
 @contextlib.contextmanager
-def visual_span(mask: torch.Tensor | None = None, *, query_index: torch.Tensor | None = None) -> Iterator[None]:
+def visual_span(
+    mask: torch.Tensor | None = None, *, query_index: torch.Tensor | None = None
+) -> Iterator[None]:
     """Tell the plug-in which positions are visual (and optionally which tokens are the queries).
 
     For models or inputs without image tokens (a text LM fed ``inputs_embeds``), or to pin the compression
@@ -85,7 +87,9 @@ def query_positions(
         starts = torch.zeros_like(valid).scatter(1, last.clamp_min(0)[:, None], True) & (last >= 0)[:, None]
     else:
         supervised = labels != IGNORE_INDEX
-        begin = supervised & ~torch.nn.functional.pad(supervised, (1, 0))[:, :-1]  # first token of each answer
+        begin = (
+            supervised & ~torch.nn.functional.pad(supervised, (1, 0))[:, :-1]
+        )  # first token of each answer
         starts = torch.nn.functional.pad(begin, (0, 1))[:, 1:]  # the token before it
         if rule == "last_instruction":
             first = torch.where(starts, pos, length).min(1).values
@@ -148,7 +152,9 @@ class ForwardState:
             and bool(self.visual.any())
         )
 
-    def record_importance(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
+    def record_importance(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scaling: float
+    ) -> None:
         if key.shape[2] != self.valid.shape[1] or query.shape[2] != key.shape[2]:
             raise RuntimeError(
                 f"Libra: layer {layer_idx} attention saw {query.shape[2]} queries / {key.shape[2]} keys but the "
@@ -169,7 +175,9 @@ class ForwardState:
             return hidden
         alpha = self.importance.get(point)
         if alpha is None:
-            raise RuntimeError(f"Libra: no importance was recorded at layer {point}: is the hybrid attention set?")
+            raise RuntimeError(
+                f"Libra: no importance was recorded at layer {point}: is the hybrid attention set?"
+            )
         plan: StagePlan = compress_sequence(
             hidden,
             self.visual,

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-from recipe_helpers import dummy_overrides
 
 from libra_train.config import (
     BUNDLED_DEEPSPEED,
@@ -18,6 +17,7 @@ from libra_train.config import (
     load_recipe,
     offloads_optimizer,
 )
+from tests.config.recipe_helpers import dummy_overrides
 
 
 def _values(node):

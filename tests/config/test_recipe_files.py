@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 from omegaconf import OmegaConf
-from recipe_helpers import RECIPE_FILES, TWINS, dummy_overrides
 
 from libra_train.config import (
     RecipeConfig,
@@ -17,6 +16,7 @@ from libra_train.config import (
     recipe_to_dict,
     save_recipe,
 )
+from tests.config.recipe_helpers import RECIPE_FILES, TWINS, dummy_overrides
 
 REAL_MODEL_KEYS = {"model.path", "data.train", "data.image_folder"}
 # Decoder layers of each recipe's LLM (tiny demo model: 4), for LibraConfig.check_num_layers.

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from export_helpers import TRAIN_CONFIG, lora_model, save_checkpoint
 
 from libra_train import apply_libra
 from libra_train.data.demo import generate_demo_data
 from libra_train.export import export_checkpoint
 from libra_train.models import build_tiny_llava
+from tests.export.export_helpers import TRAIN_CONFIG, lora_model, save_checkpoint
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,13 @@ import json
 import shutil
 
 import pytest
-from export_helpers import TRAIN_CONFIG, load_script, queries, save_checkpoint
 
 import libra_train.export as export_module
 from libra_train import LibraConfig
 from libra_train.data.records import DataError
 from libra_train.export import export_checkpoint
 from libra_train.infer import Query, evaluate, generate, load, load_qa
+from tests.export.export_helpers import TRAIN_CONFIG, load_script, queries, save_checkpoint
 
 
 def _leftovers(folder):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import torch
-from export_helpers import load_script
 
 import libra_train.training.evaluate as training_evaluate
 from libra_train.data import build_dataset
 from libra_train.data.records import load_records
 from libra_train.infer import Query, evaluate, generate, is_correct, load, load_qa, normalize_answer
+from tests.export.export_helpers import load_script
 
 
 def _direct(model, processor, demo, questions):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from export_helpers import load_script, queries
 
 from libra_train.infer import Query, generate, load, prompt_template
 from libra_train.inference.cli import libra_argument
+from tests.export.export_helpers import load_script, queries
 
 NEW = 5
 

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from export_helpers import N_VISUAL, TRAIN_CONFIG, batch, logits, save_checkpoint
 from transformers import AutoConfig, LlavaForConditionalGeneration
 
 from libra_train import LibraConfig
@@ -15,6 +14,7 @@ from libra_train.export import export_checkpoint
 from libra_train.flops import LLMShape, schedule_flops
 from libra_train.infer import load, read_merge_config
 from libra_train.inference.generation import find_runtime
+from tests.export.export_helpers import N_VISUAL, TRAIN_CONFIG, batch, logits, save_checkpoint
 
 
 def test_full_export_reproduces_training_logits(exported, trained, tiny, demo):

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-from export_helpers import REPO, batch, logits, queries
 
 import libra_train.training.evaluate as training_evaluate
 from libra_train.data import build_dataset
 from libra_train.export import export_checkpoint, resolve_checkpoint
 from libra_train.infer import evaluate, generate, load, load_qa
 from libra_train.training.checkpoint import load_trained_model
+from tests.export.export_helpers import REPO, batch, logits, queries
 
 pytestmark = pytest.mark.slow
 

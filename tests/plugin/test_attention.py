@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IGNORE, collate, llava_sample, tiny_llama, tiny_llava
 
 from libra_train import LibraConfig, apply_libra, visual_span
 from libra_train.plugin.attention import query_attention
 from libra_train.plugin.state import ForwardState
+from tests.plugin.conftest import IGNORE, collate, llava_sample, tiny_llama, tiny_llava
 
 
 @pytest.fixture

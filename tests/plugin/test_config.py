@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_llama
 
 from libra_train import LibraConfig, apply_libra
 from libra_train.plugin import libra_runtime
+from tests.plugin.conftest import tiny_llama
 
 
 @pytest.mark.parametrize(

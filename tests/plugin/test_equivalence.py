@@ -14,10 +14,18 @@ import warnings
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, N_VISUAL, collate, llava_inputs, llava_sample, tiny_llama, tiny_llava
 
 from libra_train import LibraConfig, apply_libra, remove_libra, visual_span
 from libra_train.plugin import libra_runtime
+from tests.plugin.conftest import (
+    IMAGE_TOKEN,
+    N_VISUAL,
+    collate,
+    llava_inputs,
+    llava_sample,
+    tiny_llama,
+    tiny_llava,
+)
 
 ATTN = ["sdpa", "eager"]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMAGE_TOKEN, PAD, VOCAB, llama_config
 from transformers import (
     CLIPVisionConfig,
     LlavaNextConfig,
@@ -15,6 +14,7 @@ from transformers import (
 
 from libra_train import LibraConfig, apply_libra, remove_libra
 from libra_train.plugin import libra_runtime, visual_span
+from tests.plugin.conftest import IMAGE_TOKEN, PAD, VOCAB, llama_config
 
 CFG = LibraConfig(layers=[1, 3], ratio=0.5)
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
 from transformers.masking_utils import create_causal_mask
 
 from libra_train import LibraConfig, apply_libra, visual_span
+from tests.plugin.conftest import VOCAB, tiny_llama
 
 
 @torch.no_grad()

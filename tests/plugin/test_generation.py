@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import N_VISUAL, collate, llava_sample, tiny_llama, tiny_llava
 
 from libra_train import LibraConfig, apply_libra, visual_span
 from libra_train.plugin import libra_runtime
+from tests.plugin.conftest import N_VISUAL, collate, llava_sample, tiny_llama, tiny_llava
 
 NEW_TOKENS = 6
 CONFIGS = {

@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import IGNORE, IMAGE_TOKEN, VOCAB, collate, llava_sample, tiny_llava
 from peft import LoraConfig, get_peft_model
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -15,6 +14,7 @@ import libra_train.plugin.state as state_module
 from libra_train import LibraConfig, apply_libra, libra_causal_lm_loss, remove_libra
 from libra_train.plugin import libra_runtime
 from libra_train.plugin.loss import shift_labels_through_map
+from tests.plugin.conftest import IGNORE, IMAGE_TOKEN, VOCAB, collate, llava_sample, tiny_llava
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
