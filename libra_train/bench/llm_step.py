@@ -7,6 +7,9 @@ each layer really saw in the timed run (text tokens and compensation tokens incl
 
     python -m libra_train.bench.llm_step                       # LLaVA-1.5-shaped, 8 layers, hidden 1024
     python -m libra_train.bench.llm_step --layers 8 --hidden 512 --intermediate 1376 --repeats 3
+
+The full comparison (training step with optimizer, checkpointing, inference, memory, report files) is
+``scripts/bench.py`` (libra_train.bench.cli); this module is the quick decoder-only forward+backward probe.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LlamaConfig, LlamaModel
 
+from libra_train.bench.compare import fastv_point, schedule_from_run
 from libra_train.bench.timing import Timing, measure
 from libra_train.flops import LLMShape, schedule_flops
+from libra_train.flops import libra_points as quarter_points  # the end of each of the first three quarters
 from libra_train.plugin import LibraConfig, apply_libra, libra_runtime, remove_libra, visual_span
 
 
@@ -34,11 +39,6 @@ class StepResult:
     speedup: float = 1.0  # full step time / this step time
     ideal_speedup: float = 1.0  # 1 / flops_ratio
     efficiency: float = 1.0  # speedup / ideal_speedup
-
-
-def quarter_points(num_layers: int) -> list[int]:
-    """Points at the end of each quarter of depth: {7, 15, 23} for 32 layers, {1, 3, 5} for 8."""
-    return [num_layers // 4 * k - 1 for k in (1, 2, 3)]
 
 
 def build_model(layers: int, hidden: int, intermediate: int, heads: int, dtype: torch.dtype) -> LlamaModel:
@@ -65,22 +65,14 @@ def make_batch(batch: int, n_prefix: int, n_visual: int, n_text: int, hidden: in
     return embeds, visual, query
 
 
-def schedule_from_run(num_layers: int, points: list[int], tokens: list[int]) -> list[int]:
-    """Per-layer token counts: stage k's count for the layers after point k-1 up to point k."""
-    schedule, stage = [], 0
-    for layer in range(num_layers):
-        schedule.append(tokens[stage])
-        if stage < len(points) and layer == points[stage]:
-            stage += 1
-    return schedule
-
-
 def run(args: argparse.Namespace) -> list[StepResult]:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     model = build_model(args.layers, args.hidden, args.intermediate, args.heads, dtype).to(device)
     shape = LLMShape(args.layers, args.hidden, args.intermediate)
-    embeds, visual, query = make_batch(args.batch, args.prefix, args.visual, args.text, args.hidden, dtype, device)
+    embeds, visual, query = make_batch(
+        args.batch, args.prefix, args.visual, args.text, args.hidden, dtype, device
+    )
     methods = {
         "full": None,
         "fastv": LibraConfig(method="fastv", layers=[args.fastv_point], ratio=args.ratio),
@@ -132,7 +124,9 @@ def markdown(results: list[StepResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=2752)  # 11008 / 4, LLaVA-1.5-7B's ratio
@@ -142,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visual", type=int, default=576)
     parser.add_argument("--text", type=int, default=93)  # instruction + answer: 35 + 576 + 93 = 704 tokens
     parser.add_argument("--ratio", type=float, default=0.5)
-    parser.add_argument("--fastv-point", type=int, default=1, help="FastV's point (K=2 of 8 layers: 2 full layers)")
+    parser.add_argument("--fastv-point", type=int, help="FastV's point (default: bench.compare.fastv_point)")
     parser.add_argument("--methods", default="full,fastv,libra")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -150,9 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.fastv_point is None:
+        args.fastv_point = fastv_point(args.layers)
     results = run(args)
-    print(f"LLM part, {args.layers} layers, d={args.hidden}, m={args.intermediate}, batch {args.batch}, "
-          f"{args.prefix}+{args.visual}+{args.text} tokens, {args.dtype} on {args.device}")
+    print(
+        f"LLM part, {args.layers} layers, d={args.hidden}, m={args.intermediate}, batch {args.batch}, "
+        f"{args.prefix}+{args.visual}+{args.text} tokens, {args.dtype} on {args.device}"
+    )
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as f:

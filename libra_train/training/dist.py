@@ -1,0 +1,122 @@
+"""The process group: launcher variables, CPU threads, collectives used by the loop.
+
+``deepspeed train.py`` sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT; ``python train.py`` sets
+nothing, and ``deepspeed.initialize`` then looks for mpi4py. `init_distributed` fills single-process defaults
+so both launches take the same path, and opens the process group (gloo on CPU, NCCL on GPU) through
+``deepspeed.init_distributed``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands.
+
+    Attributes:
+        rank, local_rank, world_size: data-parallel coordinates.
+        device: ``cuda:<local_rank>`` on GPU, else ``cpu``.
+    """
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for MASTER_PORT / the launcher's ``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_launch_defaults(local_rank: int | None = None) -> None:
+    """Single-process defaults for the launcher's variables, and the accelerator / thread settings.
+
+    Call before importing deepspeed. On a CPU-only machine ``DS_ACCELERATOR=cpu`` (DeepSpeed would detect it
+    too, with a warning). With several processes on one CPU machine, each gets ``cores / local processes``
+    intra-op threads (``OMP_NUM_THREADS`` wins when set): two processes with two threads each on two cores
+    make the first step take seconds.
+    """
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        local_size = int(
+            os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ["WORLD_SIZE"]))
+        )
+        threads = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(
+            1, (os.cpu_count() or 1) // max(local_size, 1)
+        )
+        if local_size > 1:
+            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
+def init_distributed(local_rank: int | None = None) -> DistEnv:
+    """Set the defaults (`set_launch_defaults`) and open the process group.
+
+    Args:
+        local_rank: the launcher's ``--local_rank`` (the environment variable is used when None).
+    """
+    set_launch_defaults(local_rank)
+    import deepspeed  # after DS_ACCELERATOR is set
+
+    cuda = torch.cuda.is_available()
+    deepspeed.init_distributed(
+        dist_backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+    )
+    local = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return DistEnv(torch_dist.get_rank(), local, torch_dist.get_world_size(), device)
+
+
+def barrier() -> None:
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` over ranks (a new float64 tensor on the values' device; itself in one process)."""
+    out = values.detach().to(torch.float64).clone()
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        if out.device.type == "cpu" and torch_dist.get_backend() == "nccl":
+            out = out.cuda()
+        torch_dist.all_reduce(out)
+    return out.to(values.device)
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def cleanup() -> None:
+    """Barrier, then close the process group (avoids a rare abort at exit with several processes)."""
+    if torch_dist.is_initialized():
+        barrier()
+        torch_dist.destroy_process_group()

@@ -1,0 +1,131 @@
+"""Held-out evaluation: answer loss and short-answer accuracy.
+
+* Loss: mean over the supervised tokens of the split (sums and counts reduced over ranks), the same
+  token-level definition as the training loss. Each batch asks the model for the *sum* of its token losses
+  (``num_items_in_batch=1``, transformers' sum-then-divide rule); padding samples of a rank's shard get no label.
+* Accuracy: the prompt of each sample is its tokens up to the first answer token (for vicuna_v1 that ends with
+  ``ASSISTANT:``, exactly the generation prompt); the model, in eval mode with its KV cache (and Libra compressing
+  the prefill when applied), greedily generates a few tokens; the first word of the first line, lower-cased and
+  stripped of punctuation, must equal that of the reference (the first answer). Multi-turn samples are scored on
+  their first answer only.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from libra_train.data import IGNORE_INDEX, SupervisedDataset, collate
+from libra_train.training.dist import all_reduce_sum
+
+MAX_NEW_TOKENS = 8  # short answers; a word-level or SentencePiece answer word and its end token fit
+
+
+def normalize_answer(text: str) -> str:
+    """The first word of the first non-empty line, lower-cased, without surrounding punctuation."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    words = lines[0].split() if lines else []
+    return words[0].lower().strip(string.punctuation) if words else ""
+
+
+def to_device(
+    batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Move a batch; floating tensors (pixel values) take the compute dtype."""
+    return {
+        k: v.to(device, dtype=dtype if v.is_floating_point() else None, non_blocking=True)
+        for k, v in batch.items()
+    }
+
+
+def answer_prompt(sample: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Cut a sample before its first answer: (the per-token tensors of the prompt, the reference answer ids)."""
+    labels = sample["labels"]
+    supervised = (labels != IGNORE_INDEX).nonzero().flatten()
+    start = int(supervised[0])
+    rest = (labels[start:] == IGNORE_INDEX).nonzero().flatten()
+    end = start + int(rest[0]) if len(rest) else len(labels)
+    length = len(sample["input_ids"])
+    prompt = {k: v[:start] for k, v in sample.items() if k != "labels" and v.dim() == 1 and len(v) == length}
+    return prompt, labels[start:end]
+
+
+def collate_prompts(samples: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts (generation appends on the right) plus the samples' per-image tensors."""
+    prompts = [answer_prompt(s)[0] for s in samples]
+    length = max(len(p["input_ids"]) for p in prompts)
+    batch: dict[str, torch.Tensor] = {}
+    for key in prompts[0]:
+        pad = pad_token_id if key == "input_ids" else 0
+        rows = [torch.cat([v.new_full((length - len(v),), pad), v]) for v in (p[key] for p in prompts)]
+        batch[key] = torch.stack(rows)  # [B, L]
+    for key in sorted({k for s in samples for k in s} - set(prompts[0]) - {"labels"}):
+        batch[key] = torch.cat([s[key] for s in samples if key in s])  # [sum n_img, ...]
+    return batch
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: SupervisedDataset,
+    shard: Sequence[tuple[int, bool]],
+    processor: Any,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    synced_gpus: bool = False,
+) -> dict[str, float]:
+    """Loss and accuracy of ``model`` on this rank's ``shard`` (from `batches.eval_shard`), reduced over ranks.
+
+    Args:
+        model: the model (``engine.module``); put in eval mode here, the caller restores train mode.
+        dataset: the evaluation split.
+        shard: ``(index, counted)`` pairs; uncounted ones only keep ranks in step.
+        processor: for the pad id and for decoding.
+        batch_size: samples per forward.
+        device, dtype: where the batches go and the floating dtype of pixel values.
+        synced_gpus: ZeRO-3 with several ranks: keep generating until every rank is done.
+
+    Returns:
+        ``eval_loss``, ``eval_accuracy`` (fraction) and ``eval_samples``.
+    """
+    model.eval()
+    tokenizer = processor.tokenizer
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, supervised tokens, correct, samples
+    for start in range(0, len(shard), batch_size):
+        chunk = shard[start : start + batch_size]
+        samples = [dataset[i] for i, _ in chunk]
+        counted = torch.tensor([c for _, c in chunk])
+        batch = collate(samples, tokenizer.pad_token_id)
+        labels = batch.pop("labels").masked_fill(~counted[:, None], IGNORE_INDEX)
+        out = model(
+            **to_device(batch, device, dtype), labels=labels.to(device), num_items_in_batch=1, use_cache=False
+        )
+        totals[0] += float(out.loss)
+        totals[1] += int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+        prompts = to_device(collate_prompts(samples, tokenizer.pad_token_id), device, dtype)
+        generated = model.generate(
+            **prompts,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced_gpus,
+        )[:, prompts["input_ids"].shape[1] :]
+        for sample, ids, keep in zip(samples, generated, counted.tolist()):
+            if keep:
+                reference = tokenizer.decode(answer_prompt(sample)[1], skip_special_tokens=True)
+                prediction = tokenizer.decode(ids, skip_special_tokens=True)
+                totals[2] += normalize_answer(prediction) == normalize_answer(reference)
+                totals[3] += 1
+    loss_sum, tokens, correct, n = all_reduce_sum(totals).tolist()
+    return {
+        "eval_loss": loss_sum / max(tokens, 1),
+        "eval_accuracy": correct / max(n, 1),
+        "eval_samples": int(n),
+    }
