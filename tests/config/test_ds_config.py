@@ -63,14 +63,14 @@ def test_accumulation(world_size, accumulation):
 
 def test_demo_one_and_two_processes():
     assert deepspeed_config(load_recipe("demo"), 1)["gradient_accumulation_steps"] == 1
-    ds = deepspeed_config(load_recipe("demo", ["train.micro_batch_size=16"]), 2)
+    ds = deepspeed_config(load_recipe("demo", ["train.micro_batch_size=8"]), 2)
     assert (ds["gradient_accumulation_steps"], ds["zero_optimization"]["stage"]) == (1, 2)
     assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # fp32
 
 
 def test_indivisible_batch_is_a_clear_error():
     with pytest.raises(
-        RecipeError, match=r"recipes/demo\.yaml: train\.global_batch_size \(32\) must be divisible"
+        RecipeError, match=r"recipes/demo\.yaml: train\.global_batch_size \(16\) must be divisible"
     ):
         deepspeed_config(load_recipe("demo"), 2)
     with pytest.raises(RecipeError, match="world size \\(3\\)"):
@@ -103,7 +103,7 @@ def test_user_json_optimizer_filled_and_unknown_auto_rejected(tmp_path):
         )
     )
     ds = deepspeed_config(load_recipe("demo", [f"train.deepspeed={path}"]), 1)
-    assert ds["optimizer"]["params"] == {"lr": 1e-3, "weight_decay": 0.0}
+    assert ds["optimizer"]["params"] == {"lr": 3e-4, "weight_decay": 0.0}
     path.write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}))
     with pytest.raises(
         RecipeError, match=r"custom\.json: cannot fill \"auto\" for scheduler\.params\.warmup_num_steps"

@@ -115,7 +115,7 @@ def test_other_families():
 def test_demo_recipe():
     cfg = load_recipe("demo")
     assert cfg.model.tiny == {} and cfg.model.path is None and not cfg.model.freeze_vision_tower
-    assert cfg.data.demo == {"n_train": 2000, "n_val": 200, "image_size": 48, "grid": 3}
+    assert cfg.data.demo == {"n_train": 3000, "n_val": 200, "image_size": 48, "grid": 2, "max_turns": 4}
     assert cfg.libra["layers"] == [1] and cfg.libra["query"] == "answer_starts"
     assert (cfg.train.precision, cfg.train.deepspeed, cfg.train.gradient_checkpointing) == (
         "fp32",

@@ -30,7 +30,7 @@ def test_nested_and_list_values():
         ["model.tiny.image_size=32", "data.demo.grid=4", "libra.layers=[1,2]", "libra.ratio=[0.5,0.25]"],
     )
     assert cfg.model.tiny == {"image_size": 32}
-    assert cfg.data.demo == {"n_train": 2000, "n_val": 200, "image_size": 48, "grid": 4}
+    assert cfg.data.demo == {"n_train": 3000, "n_val": 200, "image_size": 48, "grid": 4, "max_turns": 4}
     assert cfg.libra["layers"] == [1, 2] and cfg.libra["ratio"] == [0.5, 0.25]
     assert load_recipe("demo", ["model.tiny={image_size: 32, vision_layers: 1}"]).model.tiny == {
         "image_size": 32,
@@ -45,7 +45,7 @@ def test_later_override_wins():
 def test_tilde_deletes_or_resets_to_schema_default():
     cfg = load_recipe("demo", ["~libra.theta", "~train.lr", "~model.tiny", "model.path=/ckpt"])
     assert "theta" not in cfg.libra and cfg.libra["layers"] == [1]
-    assert cfg.train.lr == 2e-5  # the schema default, not the demo's 1e-3
+    assert cfg.train.lr == 2e-5  # the schema default, not the demo's 3e-4
     assert cfg.model.tiny is None and cfg.model.path == "/ckpt"
     assert load_recipe("demo", ["~libra"]).libra == {}
     assert load_recipe("demo", ["~train"]).train.output_dir == "outputs/demo"
@@ -141,8 +141,8 @@ def test_interpolations():
         (["data.template=alpaca"], "data.template must be one of vicuna_v1, chat_template"),
         (["model.family=blip"], "model.family must be one of llava, llava_next, qwen2_vl"),
         (
-            ["train.global_batch_size=48"],
-            "train.global_batch_size (48) must be divisible by train.micro_batch_size (32)",
+            ["train.global_batch_size=40"],
+            "train.global_batch_size (40) must be divisible by train.micro_batch_size (16)",
         ),
         (["lora.enabled=true"], "set model.train_llm=false"),
         (["lora.target_regex=(q_proj"], "lora.target_regex is not a valid regular expression"),
@@ -173,11 +173,11 @@ def test_world_size_divisibility():
     cfg = load_recipe("demo")
     validate(cfg, world_size=1)
     with pytest.raises(
-        RecipeError, match=r"recipes/demo\.yaml: train\.global_batch_size \(32\) must be divisible .* = 64"
+        RecipeError, match=r"recipes/demo\.yaml: train\.global_batch_size \(16\) must be divisible .* = 32"
     ):
         validate(cfg, world_size=2)
     assert "world size (2)" in _error("demo", [], world_size=2)
-    validate(load_recipe("demo", ["train.micro_batch_size=16"]), world_size=2)
+    validate(load_recipe("demo", ["train.micro_batch_size=8"]), world_size=2)
 
 
 def test_validators_are_called_and_prefixed():

@@ -57,7 +57,8 @@ def test_demo_small_budget_reports_accuracy_and_checkpoint(reference):
     assert not list(out.glob(".tmp-step-*"))
     train_log, eval_log = read_log(out)
     assert [r["step"] for r in train_log] == [1, 2, 3, 4]
-    assert all(r["visual_tokens"] == [36.0, 18.0] for r in train_log)  # 3x3 grid, 48 px, patch 8; ratio 0.5
+    # 48 px / patch 8 = 36 visual tokens; ratio 0.5 keeps 18 targets (+ a compensation token in some samples)
+    assert all(r["visual_tokens"][0] == 36.0 and 18.0 <= r["visual_tokens"][1] <= 19.0 for r in train_log)
     assert train_log[-1]["loss"] < train_log[0]["loss"]
     assert [r["step"] for r in eval_log] == [4] and eval_log[0]["eval_samples"] == 8
 

@@ -1,7 +1,7 @@
 """Launch ``train.py`` in subprocesses (one process, or the DeepSpeed launcher) and read back what it wrote.
 
-A plain module rather than ``conftest.py`` so that test modules import it by a unique name (several test
-folders have a ``conftest.py``).
+A plain module (``tests.training.train_helpers``) rather than fixtures in ``conftest.py``: the runs are module-scoped
+fixtures of the test module that compares them.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def run_train(output_dir: Path, overrides: list[str], nproc: int | None = None, 
         launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc)]
         command = [*launcher, "--master_port", str(free_port()), *args]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
-    if nproc and nproc > 1:
-        env["OMP_NUM_THREADS"] = "1"  # two processes on two cores
+    # One thread per process: two processes on two cores; and a single process too, because on a loaded machine
+    # (tests running side by side) two OpenMP threads per process made steps 10-30x slower.
+    env["OMP_NUM_THREADS"] = "1"
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done.stdout
