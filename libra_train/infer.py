@@ -12,38 +12,5 @@ The implementation lives in ``libra_train.inference``; answer matching (``normal
 is the one the training loop's evaluation uses.
 """
 
-from libra_train.inference import (
-    EvalResult,
-    Generation,
-    QAExample,
-    Query,
-    build_inputs,
-    evaluate,
-    format_table,
-    generate,
-    is_correct,
-    load,
-    load_qa,
-    normalize_answer,
-    prompt_template,
-    read_merge_config,
-    resolve_libra,
-)
-
-__all__ = [
-    "EvalResult",
-    "Generation",
-    "QAExample",
-    "Query",
-    "build_inputs",
-    "evaluate",
-    "format_table",
-    "generate",
-    "is_correct",
-    "load",
-    "load_qa",
-    "normalize_answer",
-    "prompt_template",
-    "read_merge_config",
-    "resolve_libra",
-]
+from libra_train.inference import *  # noqa: F403 (re-exported: the names of libra_train.inference.__all__)
+from libra_train.inference import __all__  # noqa: F401

@@ -12,7 +12,7 @@ The RSS counts everything resident: weights, optimizer state, gradients, activat
 GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (tensors only, not the caching
 allocator's reserve or the CUDA context).
 
-(libra_train.inference.evaluation.PeakMemory does the same for ``evaluate``; this one adds the release.)
+Used by the benchmark (`libra_train.bench.compare`) and by ``evaluate`` (`libra_train.inference.evaluation`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,13 @@ def release_memory(device: torch.device | None = None) -> None:
     if libc_name and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(libc_name).malloc_trim(0)
+
+
+_LABELS = {
+    "peak_rss": "peak RSS",
+    "peak_rss_process_lifetime": "peak RSS (process lifetime)",
+    "cuda_max_allocated": "CUDA max allocated",
+}
 
 
 class PeakMemory:
@@ -80,6 +87,11 @@ class PeakMemory:
         else:
             maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
             self.peak_mib = maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+    @property
+    def label(self) -> str:
+        """``kind`` for people: "peak RSS", "CUDA max allocated", ..."""
+        return _LABELS.get(self.kind, self.kind)
 
     def as_dict(self) -> dict[str, float | str]:
         return {"kind": self.kind, "peak_mib": round(self.peak_mib, 1), "start_mib": round(self.start_mib, 1)}

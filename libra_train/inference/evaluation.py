@@ -16,9 +16,6 @@ and labelled as such.
 from __future__ import annotations
 
 import os
-import re
-import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from libra_train.bench.memory import PeakMemory
 from libra_train.data.records import normalize_record, read_json_records
 from libra_train.inference.answers import is_correct
 from libra_train.inference.generation import Query, generate
@@ -112,51 +110,6 @@ def check_images(examples: list[QAExample], image_folder: str | os.PathLike | No
             f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
         )
         raise FileNotFoundError(f"{len(missing)} image file(s) not found (check --image-folder):\n  {listed}")
-
-
-def _vm_hwm_kib() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
-    except (OSError, AttributeError, ValueError):
-        return None
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA max allocated on GPU, else the process's peak RSS (see the module doc).
-
-    Attributes (after the block): ``peak_mib``, ``start_mib`` (allocated / resident at entry) and ``kind``.
-    """
-
-    def __init__(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
-        self.kind, self.peak_mib, self.start_mib = "", 0.0, 0.0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.kind, self.start_mib = "CUDA max allocated", torch.cuda.memory_allocated(self.device) / 2**20
-            return self
-        self.kind = "peak RSS (process lifetime)"
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-            self.kind = "peak RSS"
-        except OSError:
-            pass
-        self.start_mib = (_vm_hwm_kib() or 0) / 1024
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self.kind == "peak RSS":
-            self.peak_mib = (_vm_hwm_kib() or 0) / 1024
-        else:
-            maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-            self.peak_mib = maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 @dataclass
@@ -251,7 +204,7 @@ def format_table(results: list[EvalResult]) -> str:
         "|---|---|---|---|---|",
     ]
     for r in results:
-        memory = f"{r.memory.peak_mib:.0f} MiB ({r.memory.kind}; {r.memory.start_mib:.0f} at start)"
+        memory = f"{r.memory.peak_mib:.0f} MiB ({r.memory.label}; {r.memory.start_mib:.0f} at start)"
         tokens = " -> ".join(f"{t:g}" for t in (round(v, 1) for v in r.visual_tokens)) or "-"
         lines.append(
             f"| {r.label} | {r.accuracy:.1%} ({r.correct}/{r.total}) | {r.latency * 1e3:.1f} ms "

@@ -28,7 +28,7 @@ from torch import nn
 from libra_train.plugin.attention import PREFIX, register_hybrid_attention
 from libra_train.plugin.config import LibraConfig
 from libra_train.plugin.loss import libra_causal_lm_loss
-from libra_train.plugin.state import CACHE_ATTR, ForwardState, current_span, query_positions
+from libra_train.plugin.state import CACHE_ATTR, ForwardState, current_span, given_cache, query_positions
 
 RUNTIME_ATTR = "_libra_runtime"
 
@@ -158,7 +158,7 @@ class LibraRuntime:
             raise ValueError(
                 "Libra needs a 2-D padding mask (attention_mask [B, L]); got a prepared 4-D mask"
             )
-        cache = kwargs.get("past_key_values")
+        cache = given_cache(kwargs)
         stages = getattr(cache, CACHE_ATTR, None) if cache is not None else None
         if stages and cache.get_seq_length() > 0:  # a decode step after a compressing prefill
             return ForwardState(

@@ -35,6 +35,16 @@ class SpanOverride:
 _SPAN: contextvars.ContextVar[SpanOverride | None] = contextvars.ContextVar("libra_visual_span", default=None)
 
 
+def given_cache(kwargs: dict):
+    """The KV cache a model forward or a decoder layer was called with, or None.
+
+    transformers 5.24 renamed the argument ``past_key_values`` to ``cache`` (the old name still works for callers
+    until 5.40, through a deprecation shim); the plug-in reads whichever is there, so it runs on both.
+    """
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 @contextlib.contextmanager
 def visual_span(
     mask: torch.Tensor | None = None, *, query_index: torch.Tensor | None = None
@@ -194,12 +204,12 @@ class ForwardState:
         cos, sin = old_embeddings
         bsz, new_len = plan.valid.shape
         position_ids = torch.arange(new_len, device=hidden.device).expand(bsz, new_len)
-        cache = layer_kwargs.get("past_key_values")
-        mask = create_causal_mask(
-            config=self.text_config,
-            inputs_embeds=plan.hidden,
-            attention_mask=plan.valid,
-            past_key_values=cache,
+        cache = given_cache(layer_kwargs)
+        mask = create_causal_mask(  # the cache is positional: "past_key_values" up to 5.23, "cache" from 5.24
+            self.text_config,
+            plan.hidden,
+            plan.valid,
+            cache,
             position_ids=position_ids,
             layer_idx=layer_idx if cache is not None else None,
         )
@@ -241,17 +251,17 @@ class ForwardState:
         if stage is None:
             return None
         if stage.start_layer not in self.decode_masks:
-            cache = layer_kwargs["past_key_values"]
+            cache = given_cache(layer_kwargs)
             if self.valid is not None:  # the step's full 2-D mask: [B, L + decoded so far]
                 tail = self.valid[:, stage.prefill_length :]
             else:
                 new = cache.get_seq_length(stage.start_layer) - stage.valid.shape[1] + hidden.shape[1]
                 tail = torch.ones((stage.valid.shape[0], new), dtype=torch.bool, device=stage.valid.device)
-            self.decode_masks[stage.start_layer] = create_causal_mask(
-                config=self.text_config,
-                inputs_embeds=hidden,
-                attention_mask=torch.cat([stage.valid, tail.to(stage.valid.device)], dim=1),
-                past_key_values=cache,
+            self.decode_masks[stage.start_layer] = create_causal_mask(  # positional cache: see compress()
+                self.text_config,
+                hidden,
+                torch.cat([stage.valid, tail.to(stage.valid.device)], dim=1),
+                cache,
                 position_ids=layer_kwargs.get("position_ids"),
                 layer_idx=stage.start_layer,
             )

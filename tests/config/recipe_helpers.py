@@ -14,6 +14,7 @@ RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
 # (libra recipe, full-token twin): each pair may differ only in libra.enabled.
 TWINS = [
     ("demo", "demo_full"),
+    ("demo_libra_lora", "demo_full_lora"),
     ("llava15_libra", "llava15_full"),
     ("llava15_libra_lora", "llava15_full_lora"),
     ("llava_next_libra", "llava_next_full"),

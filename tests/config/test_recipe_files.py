@@ -46,7 +46,11 @@ def test_recipe_loads_and_validates(path):
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
 def test_only_real_checkpoints_and_data_are_mandatory(path):
     missing = set(OmegaConf.missing_keys(compose(path)))
-    assert missing == (set() if path.stem.startswith("demo") else REAL_MODEL_KEYS)
+    if path.stem.endswith("_lora") and path.stem.startswith("demo"):
+        expected = {"model.path"}  # the exported demo_full model; the data is the generated demo set
+    else:
+        expected = set() if path.stem.startswith("demo") else REAL_MODEL_KEYS
+    assert missing == expected
 
 
 @pytest.mark.parametrize("path", RECIPE_FILES, ids=[p.stem for p in RECIPE_FILES])
@@ -98,6 +102,16 @@ def test_llava15_lora_is_llava_finetune_lora_sh():
     lora = cfg.lora
     assert lora.enabled and (lora.r, lora.alpha, lora.dropout, lora.projector_lr) == (128, 256, 0.05, 2e-5)
     assert cfg.train.lr == 2e-4 and not cfg.model.train_llm and cfg.model.train_projector
+
+
+def test_demo_lora_adapts_the_demo_model_on_the_demo_data():
+    demo = load_recipe("demo")
+    cfg = load_recipe("demo_libra_lora", ["model.path=exports/demo_full"])
+    assert (
+        cfg.model.tiny is None and cfg.model.path == "exports/demo_full" and cfg.data.demo == demo.data.demo
+    )
+    assert cfg.lora.enabled and not cfg.model.train_llm and cfg.model.freeze_vision_tower
+    assert cfg.libra["layers"] == demo.libra["layers"] and cfg.libra["ratio"] == 0.8
 
 
 def test_other_families():

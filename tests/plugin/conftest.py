@@ -35,10 +35,9 @@ def llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**kwargs)
 
 
-def tiny_llava(attn: str = "sdpa", seed: int = 0, **text_overrides) -> LlavaForConditionalGeneration:
-    """LLaVA with a 2-layer CLIP tower (16 px images, patch 4: 16 visual tokens) and a 6-layer Llama."""
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
+def tiny_clip_config() -> CLIPVisionConfig:
+    """A 2-layer CLIP tower: 16 px images, patch 4, so 16 visual tokens per image."""
+    return CLIPVisionConfig(
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=2,
@@ -46,6 +45,12 @@ def tiny_llava(attn: str = "sdpa", seed: int = 0, **text_overrides) -> LlavaForC
         image_size=16,
         patch_size=4,
     )
+
+
+def tiny_llava(attn: str = "sdpa", seed: int = 0, **text_overrides) -> LlavaForConditionalGeneration:
+    """LLaVA with a 2-layer CLIP tower (16 px images, patch 4: 16 visual tokens) and a 6-layer Llama."""
+    torch.manual_seed(seed)
+    vision = tiny_clip_config()
     config = LlavaConfig(
         vision_config=vision,
         text_config=llama_config(**text_overrides),

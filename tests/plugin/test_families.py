@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
-    CLIPVisionConfig,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     Qwen2VLConfig,
@@ -14,7 +13,7 @@ from transformers import (
 
 from libra_train import LibraConfig, apply_libra, remove_libra
 from libra_train.plugin import libra_runtime, visual_span
-from tests.plugin.conftest import IMAGE_TOKEN, PAD, VOCAB, llama_config
+from tests.plugin.conftest import IMAGE_TOKEN, PAD, VOCAB, llama_config, tiny_clip_config
 
 CFG = LibraConfig(layers=[1, 3], ratio=0.5)
 
@@ -36,14 +35,7 @@ def _rows(counts: list[int], make_row) -> list[torch.Tensor]:
 
 def tiny_llava_next():
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=16,
-        patch_size=4,
-    )
+    vision = tiny_clip_config()
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=llama_config(),
