@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from transformers.cache_utils import Cache
 
 from libra_train.compress.stage import StagePlan, compress_sequence
 from libra_train.plugin.attention import query_attention
@@ -35,7 +36,7 @@ class SpanOverride:
 _SPAN: contextvars.ContextVar[SpanOverride | None] = contextvars.ContextVar("libra_visual_span", default=None)
 
 
-def given_cache(kwargs: dict):
+def given_cache(kwargs: dict) -> Cache | None:
     """The KV cache a model forward or a decoder layer was called with, or None.
 
     transformers 5.24 renamed the argument ``past_key_values`` to ``cache`` (the old name still works for callers
