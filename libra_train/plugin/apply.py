@@ -321,8 +321,8 @@ class LibraRuntime:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if state.decode_stages is not None:
-            mask = state.decode_mask(idx, hidden, kwargs)
-            if mask is None:
+            in_stage, mask = state.decode_mask(idx, hidden, kwargs)
+            if not in_stage:
                 return None
             kwargs["attention_mask"] = mask
             return args, kwargs

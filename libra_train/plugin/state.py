@@ -347,18 +347,19 @@ class ForwardState:
         self.position_maps.append(self.position_map)
 
     # -- decode ------------------------------------------------------------------------------------------
-    def decode_mask(self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict):
-        """The 4-D mask of a decode step for layer ``layer_idx`` (None before the first compression stage).
+    def decode_mask(self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict) -> tuple[bool, object]:
+        """``(in_a_stage, mask)``: the mask of a decode step for layer ``layer_idx``, if a stage covers it.
 
         The stage's cache holds its compressed prefill followed by the decoded tokens, so its 2-D padding mask
-        is the stage's prefill mask followed by the part of the step's mask after the uncompressed prefill.
+        is the stage's prefill mask followed by the part of the step's mask after the uncompressed prefill. The
+        mask itself may be None (flash-attention without padding): that is the stage's mask, not "no stage".
         """
         stage = None
         for candidate in self.decode_stages:
             if candidate.start_layer <= layer_idx:
                 stage = candidate
         if stage is None:
-            return None
+            return False, None
         if stage.start_layer not in self.decode_masks:
             cache = given_cache(layer_kwargs)
             if self.valid is not None:  # the step's full 2-D mask: [B, L + decoded so far]
@@ -375,4 +376,4 @@ class ForwardState:
                 layer_idx=stage.start_layer,
                 allow_is_causal_skip=False,
             )
-        return self.decode_masks[stage.start_layer]
+        return True, self.decode_masks[stage.start_layer]
