@@ -74,7 +74,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from tests.plugin.conftest import IGNORE, PAD, VOCAB
+from tests.plugin.conftest import IGNORE, PAD, TEXT_KWARGS, VOCAB
 
 IMAGE, VIDEO, VISION_START, VISION_END = 3, 5, 6, 7  # token ids of the tiny configs; text ids are 8..VOCAB-1
 PATCH_DIM = 3 * 2 * 2 * 2  # channels * temporal patch * patch * patch of the tiny Qwen towers
@@ -83,17 +83,7 @@ MERGE = 2  # spatial merge of the tiny Qwen towers
 # The tiny text model of all three Qwen families: 6 layers, 4 heads, 2 KV heads, head_dim 8 (4 rotary frequencies
 # split 2 / 1 / 1 over T / H / W).
 QWEN_TEXT = dict(
-    vocab_size=VOCAB,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=6,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-    pad_token_id=PAD,
-    bos_token_id=1,
-    eos_token_id=2,
+    TEXT_KWARGS, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0}
 )
 QWEN_IDS = dict(
     image_token_id=IMAGE,
@@ -103,43 +93,26 @@ QWEN_IDS = dict(
 )
 
 
+_TOWER = dict(num_heads=2, patch_size=2, spatial_merge_size=MERGE, temporal_patch_size=2, in_channels=3)
+_TOWER_2 = dict(_TOWER, depth=2, hidden_size=16, intermediate_size=32, out_hidden_size=32)  # 2.5-VL and 3-VL
+
+
+def _qwen_model(config_class, model_class, vision: dict, attn: str, seed: int, **text):
+    torch.manual_seed(seed)
+    config = config_class(text_config=dict(QWEN_TEXT, **text), vision_config=vision, **QWEN_IDS)
+    return model_class._from_config(config, attn_implementation=attn).eval()
+
+
 def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
     """Qwen2-VL: 1-block tower (patch 2, merge 2), the 6-layer text model above."""
-    torch.manual_seed(seed)
-    vision = dict(
-        depth=1,
-        embed_dim=16,
-        hidden_size=32,
-        num_heads=2,
-        patch_size=2,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=2,
-        in_channels=3,
-        mlp_ratio=2,
-    )
-    config = Qwen2VLConfig(text_config=dict(QWEN_TEXT), vision_config=vision, **QWEN_IDS)
-    return Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    vision = dict(_TOWER, depth=1, embed_dim=16, hidden_size=32, mlp_ratio=2)
+    return _qwen_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, attn, seed)
 
 
 def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
     """Qwen2.5-VL: 2-block tower, block 0 windowed (window 8 px = 2x2 merged tokens), block 1 full attention."""
-    torch.manual_seed(seed)
-    vision = dict(
-        depth=2,
-        hidden_size=16,
-        intermediate_size=32,
-        num_heads=2,
-        patch_size=2,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=2,
-        in_channels=3,
-        window_size=8,
-        fullatt_block_indexes=[1],
-        out_hidden_size=32,
-        tokens_per_second=2,
-    )
-    config = Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT), vision_config=vision, **QWEN_IDS)
-    return Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    vision = dict(_TOWER_2, window_size=8, fullatt_block_indexes=[1], tokens_per_second=2)
+    return _qwen_model(Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision, attn, seed)
 
 
 DEEPSTACK_LAYERS = 2  # the tiny Qwen3-VL adds DeepStack features to the outputs of LLM layers 0 and 1
@@ -147,23 +120,10 @@ DEEPSTACK_LAYERS = 2  # the tiny Qwen3-VL adds DeepStack features to the outputs
 
 def tiny_qwen3_vl(attn: str = "sdpa", seed: int = 0) -> Qwen3VLForConditionalGeneration:
     """Qwen3-VL: 2-block tower, both blocks DeepStack sources (LLM layers 0 and 1 get their features)."""
-    torch.manual_seed(seed)
     vision = dict(
-        depth=2,
-        hidden_size=16,
-        intermediate_size=32,
-        num_heads=2,
-        patch_size=2,
-        spatial_merge_size=MERGE,
-        temporal_patch_size=2,
-        in_channels=3,
-        out_hidden_size=32,
-        num_position_embeddings=16,
-        deepstack_visual_indexes=list(range(DEEPSTACK_LAYERS)),
+        _TOWER_2, num_position_embeddings=16, deepstack_visual_indexes=list(range(DEEPSTACK_LAYERS))
     )
-    text = dict(QWEN_TEXT, head_dim=8)
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, **QWEN_IDS)
-    return Qwen3VLForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+    return _qwen_model(Qwen3VLConfig, Qwen3VLForConditionalGeneration, vision, attn, seed, head_dim=8)
 
 
 def qwen_sample(
@@ -269,20 +229,7 @@ def tiny_llava_onevision(attn: str = "sdpa", seed: int = 0) -> LlavaOnevisionFor
         image_size=OV_TILE,
         patch_size=4,
     )
-    text = dict(
-        model_type="qwen2",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+    text = dict(TEXT_KWARGS, model_type="qwen2")
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
