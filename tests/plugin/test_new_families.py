@@ -324,7 +324,8 @@ def test_compressed_tokens_keep_their_mrope_phase(name):
             attention_mask=batch["attention_mask"],
         )  # [3, B, L]
     assert not torch.equal(full_positions[0], full_positions[1])  # really multi-axis
-    model = apply_libra(model, LibraConfig(layers=[2], ratio=0.5, theta=0.95))
+    # one span per sample: its compensation token takes the sample's last visual position (checked below)
+    model = apply_libra(model, LibraConfig(layers=[2], ratio=0.5, theta=0.95, unit="sample"))
     runtime, seen = libra_runtime(model), {}
 
     def capture(module, args, kwargs):
