@@ -5,8 +5,8 @@ The same equivalences as ``test_families.py`` / ``test_equivalence.py`` for each
 what it gets alone (inference left-padded, training right-padded with labels, loss sum-then-divide); cached greedy
 generation equals the uncached forward with the same compression decision; the recorded importance is the eager
 attention row of the unmodified model; gradient checkpointing changes nothing; compressed tokens keep their own
-M-RoPE phase. Tests that need plug-in changes are strict xfails naming what is missing (phase 2 of issue 14
-removes the marks). The families' internals are written down in ``family_models.py``.
+M-RoPE phase. The families' internals are written down in ``family_models.py``; the compression units of each
+family are tested in ``test_units.py``.
 """
 
 from __future__ import annotations
@@ -349,27 +349,17 @@ def test_compressed_tokens_keep_their_mrope_phase(name):
 
 
 # -- Qwen3-VL's DeepStack ---------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    reason="issue 14 phase 2: a compression point before Qwen3-VL's last DeepStack layer is neither refused nor "
-    "carried; today the next DeepStack addition indexes the compressed hidden states with the full-length "
-    "visual_pos_masks and fails inside Qwen3VLTextModel._deepstack_process",
-    strict=True,
-    raises=(pytest.fail.Exception, AssertionError),
-)
-def test_qwen3_vl_point_before_the_last_deepstack_layer_is_refused():
+@pytest.mark.parametrize("layers", [[0, 3], [0]])
+def test_qwen3_vl_point_before_the_last_deepstack_layer_is_refused(layers):
+    """Such a point would break the forward inside ``Qwen3VLTextModel._deepstack_process`` (an IndexError: the
+    full-length ``visual_pos_masks`` indexes the compressed hidden states), so ``apply_libra`` refuses it, naming
+    the first allowed point, and leaves the model untouched."""
     model = tiny_qwen3_vl()
-    with pytest.raises(ValueError, match=rf"(?i)deepstack.*\b{DEEPSTACK_LAYERS - 1}\b"):
-        apply_libra(model, LibraConfig(layers=[0, 3], ratio=0.5))
-
-
-def test_qwen3_vl_point_before_the_last_deepstack_layer_fails_today():
-    """What the xfail above is about: the forward itself breaks (so the refusal must come at apply time)."""
-    case = CASES["qwen3_vl-image"]
-    model = case.build()
-    batch = _no_labels(case.collate(case.samples(model), "left"))
-    apply_libra(model, LibraConfig(layers=[0, 3], ratio=0.5))
-    with pytest.raises(IndexError, match="shape of the mask"), torch.no_grad():
-        model(**batch)  # in Qwen3VLTextModel._deepstack_process: full-length visual_pos_masks, short hidden
+    with pytest.raises(ValueError, match=rf"(?i)deepstack.*first allowed point is {DEEPSTACK_LAYERS - 1}\b"):
+        apply_libra(model, LibraConfig(layers=layers, ratio=0.5))
+    assert libra_runtime(model) is None
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    apply_libra(model, LibraConfig(layers=[DEEPSTACK_LAYERS - 1], ratio=0.5))  # the first allowed point
 
 
 def test_qwen3_vl_deepstack_features_reach_the_layers_before_the_point():
