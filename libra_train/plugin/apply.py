@@ -320,6 +320,7 @@ class LibraRuntime:
                 query_mask=None,
                 position_map=None,
                 decode_stages=stages,
+                rotary=getattr(self.decoder, "rotary_emb", None),
             )
         span = current_span()
         found = self._token_kinds(entry, call, span)

@@ -110,6 +110,14 @@ def pad_input(hidden_states, indices, batch, seqlen):
     return out.view(batch, seqlen, *hidden_states.shape[1:])
 
 
+def set_language_attention(model, name: str):
+    """Switch the LLM's attention backend after construction (a flash model cannot be built without a GPU)."""
+    decoder = model.model.language_model
+    for config in {id(m.config): m.config for m in decoder.modules() if hasattr(m, "config")}.values():
+        config._attn_implementation = name
+    return model
+
+
 def install(monkeypatch) -> None:
     """Make ``import flash_attn`` give this stand-in and transformers believe flash-attn 2 is installed."""
     import transformers.modeling_flash_attention_utils as fa_utils

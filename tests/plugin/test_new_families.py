@@ -21,6 +21,7 @@ from libra_train import LibraConfig, apply_libra
 from libra_train.plugin import libra_runtime, visual_span
 from libra_train.plugin.apply import find_decoder
 from libra_train.plugin.state import ForwardState
+from tests.plugin import flash_standin
 from tests.plugin.conftest import IGNORE
 from tests.plugin.family_models import (
     DEEPSTACK_LAYERS,
@@ -38,6 +39,7 @@ from tests.plugin.family_models import (
     tiny_qwen2_vl,
     tiny_qwen3_vl,
 )
+from tests.plugin.flash_standin import set_language_attention
 
 CFG = LibraConfig(
     layers=[1, 3], ratio=0.5, theta=0.9
@@ -401,3 +403,48 @@ def test_decoding_after_compression_removed_all_padding():
         assert model(input_ids=ids, attention_mask=mask).libra_attention_mask.all()  # no padding left
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert gen.shape == (2, 23)
+
+
+# -- flash-attention 2 (the CPU stand-in of its kernels) ------------------------------------------------------------
+FLASH_CASES = ["qwen2_5_vl-mixed", "onevision-image", "onevision-video"]
+
+
+@pytest.mark.parametrize("name", FLASH_CASES)
+@pytest.mark.parametrize(("side", "with_labels"), [("left", False), ("right", True)], ids=["infer", "train"])
+def test_compressed_flash_equals_sdpa(name, side, with_labels, monkeypatch):
+    """The language model on transformers' flash path (unpad, varlen kernel, pad back; M-RoPE cos/sin for
+    Qwen2.5-VL) gives what sdpa gives with the units of each family: maps, logits, loss and gradients."""
+    flash_standin.install(monkeypatch)
+    case = CASES[name]
+    sdpa = apply_libra(case.build(), CFG)
+    fa2 = apply_libra(set_language_attention(case.build(), "flash_attention_2"), CFG)
+    assert find_decoder(fa2).config._attn_implementation == "libra_flash_attention_2"
+    batch = case.collate(case.samples(sdpa), side, labels=with_labels)
+    expected, got = sdpa(**batch), fa2(**batch)
+    assert flash_standin.CALLS["flash_attn_varlen_func"] > 0
+    assert got.logits.shape[1] < batch["input_ids"].shape[1]  # it compressed
+    assert torch.equal(got.libra_position_map, expected.libra_position_map)
+    assert torch.equal(got.libra_attention_mask, expected.libra_attention_mask)
+    real = got.libra_attention_mask
+    torch.testing.assert_close(got.logits[real], expected.logits[real], rtol=1e-5, atol=1e-5)
+    if with_labels:
+        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=1e-6)
+        expected.loss.backward()
+        got.loss.backward()
+        for (key, p), q in zip(sdpa.named_parameters(), fa2.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl-mixed", "onevision-video"])
+def test_flash_greedy_generation_equals_sdpa(name, monkeypatch):
+    flash_standin.install(monkeypatch)
+    case = CASES[name]
+    ids = {}
+    for backend in ("sdpa", "flash_attention_2"):
+        model = apply_libra(set_language_attention(case.build(), backend), CFG)
+        batch = _no_labels(case.collate(case.samples(model), "left"))
+        with torch.no_grad():
+            ids[backend] = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(ids["flash_attention_2"], ids["sdpa"])
+    assert flash_standin.CALLS["flash_attn_varlen_func"] > 0
