@@ -129,6 +129,10 @@ def test_method_specs_one_full_row_and_one_row_per_ratio():
     assert specs[-1].config().layers == [7, 15, 23] and specs[1].config().merge_method == "prune"
     with pytest.raises(ValueError, match="at least 4 layers"):
         method_specs(["libra"], [0.5], 3)
+    (pdrop,) = method_specs(["pdrop"], [0.5, 0.8], 32)  # one row: its own fractions, not the ratios
+    assert (pdrop.points, pdrop.label) == ((7, 15, 23), "pdrop lambda=0.5")
+    config = pdrop.config()
+    assert (config.method, config.layers, config.kept_fractions) == ("pdrop", [7, 15, 23], [0.5, 0.25, 0.125])
 
 
 def test_schedule_from_run_by_hand():
@@ -157,7 +161,10 @@ def test_compression_saves_fewer_activations_for_backward(tiny_run):
         libra = rows[f"libra R={r:g}"]
         assert libra["train_saved_for_backward_mib"] < full
         assert libra["train_ckpt_saved_for_backward_mib"] < libra["train_saved_for_backward_mib"]
-    assert rows["libra R=0.8"]["train_saved_for_backward_mib"] < rows["libra R=0.5"]["train_saved_for_backward_mib"]
+    assert (
+        rows["libra R=0.8"]["train_saved_for_backward_mib"]
+        < rows["libra R=0.5"]["train_saved_for_backward_mib"]
+    )
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():
