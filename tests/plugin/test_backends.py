@@ -17,7 +17,7 @@ from libra_train.plugin import libra_runtime
 from libra_train.plugin.attention import supported_backends
 from tests.plugin import flash_standin
 from tests.plugin.conftest import collate, llava_sample, tiny_llava
-from tests.plugin.flash_standin import set_language_attention
+from tests.plugin.flash_standin import assert_flash_equals_sdpa, set_language_attention
 
 CONFIGS = {
     "libra": LibraConfig(layers=[1, 3], ratio=0.5),
@@ -62,19 +62,7 @@ def test_compressed_flash_equals_sdpa(flash, side, method):
     sdpa = apply_libra(tiny_llava("sdpa"), CONFIGS[method])
     fa2 = apply_libra(set_language_attention(tiny_llava("sdpa"), "flash_attention_2"), CONFIGS[method])
     assert fa2.model.language_model.config._attn_implementation == "libra_flash_attention_2"
-    expected, got = sdpa(**batch), fa2(**batch)
-    assert flash["flash_attn_varlen_func"] > 0
-    assert got.logits.shape[1] < batch["input_ids"].shape[1]  # it compressed
-    assert torch.equal(got.libra_position_map, expected.libra_position_map)
-    assert torch.equal(got.libra_attention_mask, expected.libra_attention_mask)
-    real = got.libra_attention_mask
-    torch.testing.assert_close(got.logits[real], expected.logits[real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=1e-6)
-    expected.loss.backward()
-    got.loss.backward()
-    for (name, p), q in zip(sdpa.named_parameters(), fa2.parameters()):
-        if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_flash_equals_sdpa(fa2, sdpa, batch)
 
 
 @pytest.mark.parametrize("method", ["libra", "fastv"])

@@ -22,7 +22,7 @@ from libra_train.plugin import libra_runtime, visual_span
 from libra_train.plugin.apply import find_decoder
 from libra_train.plugin.state import ForwardState
 from tests.plugin import flash_standin
-from tests.plugin.conftest import IGNORE
+from tests.plugin.conftest import IGNORE, assert_cached_generation_equals_uncached
 from tests.plugin.family_models import (
     DEEPSTACK_LAYERS,
     IMAGE,
@@ -39,7 +39,7 @@ from tests.plugin.family_models import (
     tiny_qwen2_vl,
     tiny_qwen3_vl,
 )
-from tests.plugin.flash_standin import set_language_attention
+from tests.plugin.flash_standin import assert_flash_equals_sdpa, set_language_attention
 
 CFG = LibraConfig(
     layers=[1, 3], ratio=0.5, theta=0.9
@@ -216,27 +216,7 @@ def test_cached_generation_equals_uncached_forward(name):
     model = case.build()
     batch = _no_labels(case.collate(case.samples(model), "left"))
     model = apply_libra(model, CFG)
-    model.generation_config.eos_token_id = None  # no early stop: every step is compared
-    length, new_tokens = batch["input_ids"].shape[1], 3
-    with torch.no_grad():
-        gen = model.generate(
-            **batch,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        steps = dict(batch)
-        for step in range(new_tokens):
-            with visual_span(None, query_index=torch.full((2,), length - 1)):
-                out = model(**steps, use_cache=False)
-            torch.testing.assert_close(gen.logits[step], out.logits[:, -1], rtol=1e-5, atol=1e-5)
-            token = gen.sequences[:, length + step : length + step + 1]
-            assert torch.equal(out.logits[:, -1].argmax(-1, keepdim=True), token)
-            steps["input_ids"] = torch.cat([steps["input_ids"], token], 1)
-            steps["attention_mask"] = torch.cat([steps["attention_mask"], torch.ones_like(token)], 1)
-            for key in case.extra_zeros:
-                steps[key] = torch.cat([steps[key], torch.zeros_like(token)], 1)
+    gen = assert_cached_generation_equals_uncached(model, batch, 3, extra_zeros=case.extra_zeros)
     cache = gen.past_key_values
     assert len(cache._libra_stages) == 2
     assert cache.get_seq_length(CFG.layers[0] + 1) < cache.get_seq_length(0)  # the compressed KV cache
@@ -420,20 +400,7 @@ def test_compressed_flash_equals_sdpa(name, side, with_labels, monkeypatch):
     fa2 = apply_libra(set_language_attention(case.build(), "flash_attention_2"), CFG)
     assert find_decoder(fa2).config._attn_implementation == "libra_flash_attention_2"
     batch = case.collate(case.samples(sdpa), side, labels=with_labels)
-    expected, got = sdpa(**batch), fa2(**batch)
-    assert flash_standin.CALLS["flash_attn_varlen_func"] > 0
-    assert got.logits.shape[1] < batch["input_ids"].shape[1]  # it compressed
-    assert torch.equal(got.libra_position_map, expected.libra_position_map)
-    assert torch.equal(got.libra_attention_mask, expected.libra_attention_mask)
-    real = got.libra_attention_mask
-    torch.testing.assert_close(got.logits[real], expected.logits[real], rtol=1e-5, atol=1e-5)
-    if with_labels:
-        torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=1e-6)
-        expected.loss.backward()
-        got.loss.backward()
-        for (key, p), q in zip(sdpa.named_parameters(), fa2.parameters()):
-            if p.grad is not None:
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=key)
+    assert_flash_equals_sdpa(fa2, sdpa, batch, labels=with_labels)
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_vl-mixed", "onevision-video"])

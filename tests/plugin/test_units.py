@@ -17,11 +17,19 @@ import pytest
 import torch
 
 from libra_train import LibraConfig, apply_libra
-from libra_train.plugin import libra_runtime, visual_span
+from libra_train.plugin import libra_runtime
 from libra_train.plugin.apply import find_decoder
 from libra_train.plugin.units import qwen_frames
 from tests.compress.unit_reference import expected_row
-from tests.plugin.conftest import IGNORE, IMAGE_TOKEN, N_VISUAL, PAD, VOCAB, tiny_llava
+from tests.plugin.conftest import (
+    IGNORE,
+    IMAGE_TOKEN,
+    N_VISUAL,
+    PAD,
+    VOCAB,
+    assert_cached_generation_equals_uncached,
+    tiny_llava,
+)
 from tests.plugin.family_models import (
     IMAGE,
     OV_VIDEO,
@@ -197,24 +205,7 @@ def test_llava_generation_cuts_adjacent_images_as_the_forward_does():
     ]
     batch = collate_llava(samples, "left")
     model = apply_libra(tiny_llava(), LibraConfig(**CFG))
-    model.generation_config.eos_token_id = None
-    length, new_tokens = batch["input_ids"].shape[1], 2
-    with torch.no_grad():
-        gen = model.generate(
-            **batch,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        steps = dict(batch)
-        for step in range(new_tokens):
-            with visual_span(None, query_index=torch.full((2,), length - 1)):
-                out = model(**steps, use_cache=False)
-            torch.testing.assert_close(gen.logits[step], out.logits[:, -1], rtol=1e-5, atol=1e-5)
-            token = gen.sequences[:, length + step : length + step + 1]
-            steps["input_ids"] = torch.cat([steps["input_ids"], token], 1)
-            steps["attention_mask"] = torch.cat([steps["attention_mask"], torch.ones_like(token)], 1)
+    assert_cached_generation_equals_uncached(model, batch, 2)
 
 
 # -- Qwen2.5-VL: image + video frames -----------------------------------------------------------------------------
