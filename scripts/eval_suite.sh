@@ -11,11 +11,12 @@
 # Environment: OUT (default results/eval_suite/<EXPORT name>), TASKS (default the paper's six:
 #   gqa,scienceqa_img,textvqa_val,mme,mmbench_en_dev,pope; mmbench_en_dev asks an OpenAI judge for answers it
 #   cannot match, mmbench_en_dev_static does not), BATCH_SIZE (8), LIMIT (questions per task, default all),
-#   INCLUDE_PATH (a folder of extra task YAMLs), MODEL_ARGS (appended, e.g. dtype=bfloat16), PYTHON.
+#   INCLUDE_PATH (a folder of extra task YAMLs), MODEL_ARGS (appended, e.g. dtype=bfloat16), LMMS_EVAL_ARGS
+#   (more lmms-eval options, e.g. "--log_samples"), PYTHON.
 # Writes OUT/<method>/ (lmms-eval's results + libra_stats.json) and OUT/table.md, OUT/table.json.
 set -euo pipefail
 if [ $# -lt 1 ]; then
-    sed -n '2,16p' "$0" >&2
+    sed -n '2,17p' "$0" >&2
     exit 2
 fi
 EXPORT=$1
@@ -35,6 +36,8 @@ for method in "${METHODS[@]}"; do
     extra=()
     [ -z "${LIMIT:-}" ] || extra+=(--limit "$LIMIT")
     [ -z "${INCLUDE_PATH:-}" ] || extra+=(--include_path "$INCLUDE_PATH")
+    read -r -a more <<< "${LMMS_EVAL_ARGS:-}"
+    extra+=("${more[@]}")
     echo "== $method: --model_args $model_args"
     "$PYTHON" -m lmms_eval --model libra --model_args "$model_args" --tasks "$TASKS" \
         --batch_size "$BATCH_SIZE" --output_path "$OUT/$method" "${extra[@]}"

@@ -282,6 +282,7 @@ class LibraLMM(lmms):
     """lmms-eval's model interface over a libra-train model (see the module doc for the arguments)."""
 
     is_simple = True  # requests carry (context, ..., doc_to_visual, doc_id, task, split), as for llava_hf
+    chat_template = None  # the prompt template is the training one (``template``), not lmms-eval's
 
     def __init__(
         self,

@@ -119,9 +119,10 @@ class Row:
 
 
 def _results(folder: Path) -> dict[str, dict[str, Any]]:
-    """task -> lmms-eval's result entry, over every ``*_results.json`` below ``folder`` (newest wins)."""
+    """task -> lmms-eval's result entry, over every ``*_results.json`` below ``folder`` (the newest run of a
+    task wins: lmms-eval names the files ``<date>_<time>_results.json``)."""
     merged: dict[str, dict[str, Any]] = {}
-    for file in sorted(folder.rglob("*_results.json"), key=os.path.getmtime):
+    for file in sorted(folder.rglob("*_results.json"), key=lambda f: f.name):
         merged.update(json.loads(file.read_text()).get("results", {}))
     return merged
 
