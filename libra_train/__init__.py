@@ -17,6 +17,7 @@ _LAZY = {
     "remove_libra": "libra_train.plugin",
     "visual_span": "libra_train.plugin",
     "libra_causal_lm_loss": "libra_train.plugin",
+    "save_merge_config": "libra_train.plugin.persist",
     "load": "libra_train.infer",
     "export_checkpoint": "libra_train.export",
 }
