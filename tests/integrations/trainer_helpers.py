@@ -20,7 +20,9 @@ from libra_train import LibraConfig, apply_libra
 from libra_train.models import build_tiny_llava
 
 IGNORE = -100
-CFG = LibraConfig(layers=[1], ratio=0.5)  # compress after LM layer 1 of 4: layers 2, 3 see the shorter sequence
+CFG = LibraConfig(
+    layers=[1], ratio=0.5
+)  # compress after LM layer 1 of 4: layers 2, 3 see the shorter sequence
 N_VISUAL = 36  # 48 px images, patch 8
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 QUESTIONS = (
@@ -69,7 +71,9 @@ def sample(i: int) -> dict[str, torch.Tensor]:
     supervised) and ``pixel_values`` ``[3, 48, 48]``; question ``i % 4`` on image ``i``."""
     question, answer = QUESTIONS[i % len(QUESTIONS)]
     full = processor()(images=[image(i)], text=f"{prompt(question)} {answer} </s>", return_tensors="pt")
-    n_prompt = processor()(images=[image(i)], text=prompt(question), return_tensors="pt")["input_ids"].shape[1]
+    n_prompt = processor()(images=[image(i)], text=prompt(question), return_tensors="pt")["input_ids"].shape[
+        1
+    ]
     ids = full["input_ids"][0]
     labels = ids.clone()
     labels[:n_prompt] = IGNORE
@@ -102,8 +106,9 @@ def collate(batch: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def training_args(output_dir, **overrides):
-    """CPU ``TrainingArguments`` for a few deterministic SGD steps (no logging integrations, no shuffling)."""
+def training_args(output_dir, config_class=None, **overrides):
+    """CPU ``TrainingArguments`` (or ``config_class``, e.g. TRL's ``SFTConfig``) for a few deterministic fp32
+    SGD steps: no logging integrations, no shuffling, no mixed precision."""
     from transformers import TrainingArguments
 
     kwargs = dict(
@@ -126,14 +131,62 @@ def training_args(output_dir, **overrides):
         seed=0,
         data_seed=0,
         remove_unused_columns=False,
+        bf16=False,  # TRL's SFTConfig defaults to bf16
+        train_sampling_strategy="sequential",  # batches in dataset order: the tests know each step's batch
     )
     kwargs.update(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return TrainingArguments(**kwargs)
+        return (config_class or TrainingArguments)(**kwargs)
 
 
 @torch.no_grad()
 def logits_of(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return model.eval()(**inputs).logits
+
+
+class LayerLengths:
+    """Sequence length each decoder layer saw, per call: ``with LayerLengths(model) as seen: ...``;
+    ``seen.lengths[i]`` lists layer ``i``'s. A forward pre-hook registered after Libra's sees what the layer
+    gets (Libra's own pre-hook compresses first)."""
+
+    def __init__(self, model) -> None:
+        from libra_train.plugin.apply import find_decoder
+
+        self.layers = find_decoder(model).layers
+        self.lengths: dict[int, list[int]] = {i: [] for i in range(len(self.layers))}
+        self._handles = []
+
+    def _hook(self, idx, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.lengths[idx].append(hidden.shape[1])
+
+    def __enter__(self) -> LayerLengths:
+        for idx, layer in enumerate(self.layers):
+            hook = functools.partial(self._hook, idx)
+            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def own_loss_and_metrics(model, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The model's own ``labels=`` loss on ``batch`` and, from the same forward, TRL's two metrics computed by
+    hand over the compressed sequence: mean entropy and top-1 accuracy of the positions that predict a label."""
+    from libra_train.plugin.loss import shift_labels_through_map
+
+    with torch.no_grad():
+        out = model(**batch)
+    targets = shift_labels_through_map(batch["labels"], out.libra_position_map)
+    mask = targets != IGNORE
+    logp = torch.log_softmax(out.logits[mask].float(), -1)
+    return {
+        "loss": out.loss.item(),
+        "entropy": (-(logp.exp() * logp).sum(-1)).mean().item(),
+        "mean_token_accuracy": (logp.argmax(-1) == targets[mask]).float().mean().item(),
+        "length": batch["input_ids"].shape[1],
+        "compressed_length": out.logits.shape[1],
+    }
