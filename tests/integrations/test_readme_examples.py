@@ -70,7 +70,9 @@ def check_hf_trainer_extras(ns):
 
 def check_trl(ns):
     assert find_runtime(ns["trainer"].model).config == CFG
-    logged = ns["trainer"].state.log_history[0]  # the only log of 2 steps: the summary, TRL's metrics merged in
+    logged = ns["trainer"].state.log_history[
+        0
+    ]  # the only log of 2 steps: the summary, TRL's metrics merged in
     assert {"train_loss", "entropy", "mean_token_accuracy"} <= set(logged)
 
 
