@@ -140,8 +140,9 @@ def resolve_libra(saved: LibraConfig | None, libra: Any, where: str | os.PathLik
             raise ValueError(
                 f"{where} has no merge config ({CONFIG_NAME} or {CONFIG_KEY!r} in config.json): pass "
                 "libra='off' (CLI: --libra off) to run it without compression, or an explicit LibraConfig / "
-                "libra_config.json (a peft adapter saved with PeftModel.save_pretrained needs "
-                "libra_train.save_merge_config(model, dir) beside it)"
+                "libra_config.json. A peft adapter saved by PeftModel.save_pretrained or a plain Trainer carries "
+                "none: write it with libra_train.save_merge_config(model, dir), or train with "
+                "libra_train.integrations LibraTrainer / LibraSFTTrainer, which do"
             )
         return saved
     if isinstance(libra, LibraConfig):

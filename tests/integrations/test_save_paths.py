@@ -81,6 +81,12 @@ def test_load_off_clears_the_record(tmp_path):
     assert find_runtime(model) is None and not hasattr(model.config, "libra_merging")
 
 
+def test_a_directory_without_processor_files_names_the_fix(tmp_path):
+    tiny_model().save_pretrained(tmp_path)  # a Trainer given no processing_class saves no processor
+    with pytest.raises(FileNotFoundError, match="processing_class"):
+        load(tmp_path)
+
+
 def test_trainer_save_model_checkpoints_and_export(tmp_path):
     args = training_args(tmp_path / "run", save_strategy="steps", save_steps=1)
     trainer = Trainer(
