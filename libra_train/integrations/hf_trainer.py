@@ -68,12 +68,13 @@ class LibraTrainerMixin:
             self.label_smoother = LibraLabelSmoother(epsilon=self.label_smoother.epsilon)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        kwargs = {"return_outputs": return_outputs, "num_items_in_batch": num_items_in_batch}
+        if self.label_smoother is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, **kwargs)
         # The Trainer pops the labels before the forward when it smooths them itself: keep them visible to the
         # plug-in's training query rule (the token before each answer), as when the forward gets labels.
-        with libra_labels(inputs.get("labels") if self.label_smoother is not None else None):
-            return super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
+        with libra_labels(inputs["labels"]):
+            return super().compute_loss(model, inputs, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model`` plus ``libra_config.json`` (the only merge-config record a peft adapter gets)."""
