@@ -13,7 +13,8 @@ per-token fields are zero where there is no target) on the compressed sequence:
 1. the inner model runs under ``libra_labels(labels)`` (training query rule: the token before each answer);
 2. the next-token targets come through the output's ``libra_position_map`` (``shift_labels_through_map``), so
    ``log_probs``, ``entropy``, ``is_top1`` and ``label_mask`` are ``[B, L']`` over the compressed sequence;
-3. the LM head projects only the positions that have a target (as TRL's compact path does), in float32.
+3. TRL's own kernel (``trl.kernels.ChunkedLogProbFunction``) scores only the positions that have a target, as
+   TRL's compact path does: the ``[N, V]`` logits are never materialised.
 
 ``SFTTrainer.compute_loss`` then computes exactly what it does for a plain model: the loss
 ``-sum(log_probs) / num_items_in_batch`` (equal to the model's own ``labels=`` loss through the map) and the
@@ -46,7 +47,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 from trl import SFTTrainer
-from trl.trainer.utils import FusedCausalLMOutput
+from trl.kernels import ChunkedLogProbFunction
+from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
 from libra_train.inference.generation import find_runtime
 from libra_train.integrations.hf_trainer import LibraTrainerMixin
@@ -55,6 +57,8 @@ from libra_train.plugin.loss import IGNORE_INDEX, shift_labels_through_map
 
 __all__ = ["LibraFusedLMHead", "LibraSFTTrainer"]
 
+FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer asks add_fused_lm_head for
+VOCAB_CHUNK = 32768  # vocabulary tile of TRL's fused head
 _LOGIT_SCALING = (
     "final_logit_softcapping",
     "logit_scale",
@@ -118,13 +122,13 @@ class LibraFusedLMHead:
         targets = shift_labels_through_map(labels.to(hidden.device), position_map)  # [B, L']
         mask = targets != IGNORE_INDEX
         lm_head = model.get_output_embeddings()
-        logits = lm_head(hidden[mask]).float()  # [N, V]: only the positions that predict a label
-        logp = torch.log_softmax(logits, dim=-1)
-        picked = targets[mask]
-        log_probs = logp.gather(-1, picked[:, None]).squeeze(-1)
-        with torch.no_grad():
-            entropy = -(logp.exp() * logp).sum(-1)
-            is_top1 = logits.argmax(-1) == picked
+        weight, bias = lm_head.weight, lm_head.bias
+        # TRL's own kernel on the positions that have a target (its compact path): the logits are never
+        # materialised, the statistics accumulate in float32; under ZeRO-3 the head is gathered for it.
+        with maybe_gather_lm_head_ctx(weight, bias):
+            log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+                hidden[mask], weight, bias, targets[mask], 1.0, VOCAB_CHUNK, None, 1.0, FUSED_OUTPUTS
+            )
 
         def spread(values: torch.Tensor) -> torch.Tensor:  # [N] -> [B, L'], zero where there is no target
             # masked_scatter keeps the output connected to the graph even when no label is valid
