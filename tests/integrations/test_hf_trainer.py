@@ -22,6 +22,7 @@ from tests.integrations.trainer_helpers import (
     LORA_TARGETS,
     LayerLengths,
     collate,
+    fitted_model,
     logits_of,
     own_loss_and_metrics,
     processor,
@@ -116,31 +117,37 @@ def token_accuracy(prediction) -> dict[str, float]:
 
 
 def test_evaluate_and_predict_with_aligned_predictions(tmp_path):
-    model = tiny_model()
+    model = fitted_model()
     data = samples(4, start=20)
     batches = [collate(data[:2]), collate(data[2:])]
-    own = [own_loss_and_metrics(model, b) for b in batches]
+    width = max(b["input_ids"].shape[1] for b in batches)
+    expected = np.full((4, width), IGNORE)  # by hand: each kept position's argmax at its original position
     correct = total = 0
-    for b in batches:  # accuracy over both batches by hand, from the compressed outputs
+    for k, b in enumerate(batches):
         with torch.no_grad():
             out = model(**b)
+        for row in range(2):
+            for i, o in enumerate(out.libra_position_map[row].tolist()):
+                if o >= 0:
+                    expected[2 * k + row, o] = int(out.logits[row, i].argmax())
         targets = shift_labels_through_map(b["labels"], out.libra_position_map)
         mask = targets != IGNORE
         correct += int((out.logits.argmax(-1)[mask] == targets[mask]).sum())
         total += int(mask.sum())
+    assert 0 < correct < total
+    own = [own_loss_and_metrics(model, b)["loss"] for b in batches]
     trainer = trainer_for(
         model, tmp_path, compute_metrics=token_accuracy, preprocess_logits_for_metrics=libra_predictions
     )
     # transformers 5.24's LLaVA returns `image_outputs` (a ModelOutput of Nones) that the Trainer cannot gather
     ignore = ["cache", "image_outputs"]
     metrics = trainer.evaluate(data, ignore_keys=ignore)
-    assert metrics["eval_loss"] == pytest.approx(np.mean([o["loss"] for o in own]), rel=1e-6)
+    assert metrics["eval_loss"] == pytest.approx(np.mean(own), rel=1e-6)
     assert metrics["eval_token_accuracy"] == pytest.approx(correct / total)
     result = trainer.predict(data, ignore_keys=ignore)
-    assert result.predictions.shape == result.label_ids.shape  # the labels' (uncompressed) layout
+    assert result.predictions.shape == result.label_ids.shape == (4, width)  # the labels' layout
+    assert np.array_equal(result.predictions, expected)
     assert result.metrics["test_token_accuracy"] == pytest.approx(correct / total)
-    kept = result.predictions != IGNORE
-    assert (~kept).any() and kept[:, 1:][result.label_ids[:, 1:] != IGNORE].all()
 
 
 def test_lora_on_top_and_its_checkpoints(tmp_path):
