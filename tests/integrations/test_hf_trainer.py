@@ -14,10 +14,11 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from libra_train import load
+from libra_train import apply_libra, load
 from libra_train.integrations.hf_trainer import LibraTrainer, libra_predictions
 from libra_train.plugin.loss import shift_labels_through_map
 from tests.integrations.trainer_helpers import (
+    CFG,
     IGNORE,
     LORA_TARGETS,
     LayerLengths,
@@ -44,11 +45,15 @@ def params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_plain_trainer_trains_compressed_with_the_models_loss(tmp_path):
+@pytest.mark.parametrize("order", ["libra-then-trainer", "trainer-then-libra"])
+def test_plain_trainer_trains_compressed_with_the_models_loss(order, tmp_path):
+    """The Trainer does not patch the model, so Libra may be applied before or after building it."""
     data = samples(4)
-    model = tiny_model()
-    first = own_loss_and_metrics(model, collate(data[:2]))
+    model = tiny_model(CFG if order == "libra-then-trainer" else None)
     trainer = trainer_for(model, tmp_path, data)
+    if order == "trainer-then-libra":
+        apply_libra(model, CFG)
+    first = own_loss_and_metrics(model, collate(data[:2]))
     with LayerLengths(model) as seen:
         trainer.train()
     assert trainer.state.log_history[0]["loss"] == pytest.approx(first["loss"], rel=1e-6)
