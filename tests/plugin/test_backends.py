@@ -133,3 +133,24 @@ def test_unsupported_backend_is_refused_naming_the_supported_ones(name, message)
     for supported in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
         assert supported in str(info.value)
     assert set(supported_backends()) >= {"eager", "sdpa", "flash_attention_2", "flash_attention_3"}
+
+
+def test_flash_decode_after_compression_removed_all_padding(flash):
+    """A left-padded pair whose compressed lengths are equal: the stage's flash mask is None (no padding left),
+    which must reach the layers as None, not leave them the full-length mask of the uncompressed prefill."""
+    samples = [llava_sample(3, 5, answers=(), seed=0), llava_sample(6, 10, image=False, answers=(), seed=2)]
+    batch = collate(samples, "left")
+    del batch["labels"]
+    model = apply_libra(
+        _set_language_attention(tiny_llava("sdpa"), "flash_attention_2"),
+        LibraConfig(method="fastv", layers=[1], ratio=0.5),
+    )
+    with torch.no_grad():
+        # 24 tokens (16 visual) and 16 text-only: both 16 after the point, so no padding is left
+        assert model(**batch).libra_attention_mask.all()
+        ids = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    reference = apply_libra(tiny_llava("sdpa"), LibraConfig(method="fastv", layers=[1], ratio=0.5))
+    with torch.no_grad():
+        assert torch.equal(
+            ids, reference.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        )
