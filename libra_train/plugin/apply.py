@@ -378,8 +378,9 @@ def apply_libra(model: nn.Module, config: LibraConfig | None = None) -> nn.Modul
             raise ValueError(
                 "the model's attention is already a Libra wrapper (copied from a patched model?)"
             )
-    LibraRuntime(model, config).attach(model)
-    record_merge_config(model, config)  # every save that writes config.json carries it (plugin/persist.py)
+    runtime = LibraRuntime(model, config)
+    runtime.attach(model)
+    record_merge_config(model, runtime.config)  # what it applies (unit resolved); every save carries it
     return model
 
 

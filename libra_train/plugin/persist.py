@@ -41,7 +41,11 @@ def _model_config(model: nn.Module) -> Any:
 
 
 def record_merge_config(model: nn.Module, config: LibraConfig) -> None:
-    """Write ``config`` onto ``model.config`` under ``libra_merging`` (a plain dict, JSON as it is)."""
+    """Write ``config`` onto ``model.config`` under ``libra_merging`` (a plain dict, JSON as it is).
+
+    ``apply_libra`` records its runtime's config, the family's default ``unit`` resolved, so that a reload
+    applies exactly the same compression even if the default changes.
+    """
     setattr(_model_config(model), CONFIG_KEY, config.to_dict())
 
 
@@ -63,7 +67,7 @@ def recorded_merge_config(model_or_config: Any) -> LibraConfig | None:
     if data is None:
         return None
     try:
-        return LibraConfig.from_dict(dict(data))
+        return LibraConfig.from_saved(dict(data))  # a record older than `unit` reads as unit="sample"
     except (TypeError, ValueError) as err:
         raise ValueError(f"model config key {CONFIG_KEY!r}: {err}") from err
 

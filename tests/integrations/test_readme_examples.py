@@ -14,6 +14,7 @@ from libra_train import LibraConfig
 from libra_train.inference.generation import find_runtime
 from tests.integrations.trainer_helpers import (
     QUESTIONS,
+    applied,
     collate,
     image,
     logits_of,
@@ -55,21 +56,21 @@ def saved_key(directory: str) -> dict | None:
 
 
 def check_hf_trainer(ns):
-    assert saved_key(f"{ns['output_dir']}/final") == CFG.to_dict()
-    assert find_runtime(ns["reloaded"]).config == CFG
+    assert saved_key(f"{ns['output_dir']}/final") == applied(CFG).to_dict()
+    assert find_runtime(ns["reloaded"]).config == applied(CFG)
     expected = logits_of(ns["trainer"].model, BATCH)
     assert expected.shape[1] < BATCH["input_ids"].shape[1]
     torch.testing.assert_close(logits_of(ns["reloaded"], BATCH), expected, rtol=0, atol=0)
 
 
 def check_hf_trainer_extras(ns):
-    assert find_runtime(ns["trainer"].model).config == CFG
+    assert find_runtime(ns["trainer"].model).config == applied(CFG)
     assert 0.0 <= ns["metrics"]["eval_token_accuracy"] <= 1.0
     assert ns["metrics"]["eval_loss"] > 0 and ns["trainer"].state.log_history[-2]["train_loss"] > 0
 
 
 def check_trl(ns):
-    assert find_runtime(ns["trainer"].model).config == CFG
+    assert find_runtime(ns["trainer"].model).config == applied(CFG)
     logged = ns["trainer"].state.log_history[
         0
     ]  # the only log of 2 steps: the summary, TRL's metrics merged in
@@ -79,8 +80,8 @@ def check_trl(ns):
 def check_peft(ns):
     out = ns["output_dir"]
     assert (Path(out) / "adapter" / "libra_config.json").is_file()
-    assert saved_key(f"{out}/merged") == CFG.to_dict()
-    assert find_runtime(ns["reloaded"]).config == CFG
+    assert saved_key(f"{out}/merged") == applied(CFG).to_dict()
+    assert find_runtime(ns["reloaded"]).config == applied(CFG)
     merged = LlavaForConditionalGeneration.from_pretrained(f"{out}/merged", local_files_only=True)
     # the adapter (zero-initialised B: no effect) reloaded with Libra == the merged model with Libra applied
     from libra_train import apply_libra
@@ -91,7 +92,7 @@ def check_peft(ns):
 
 
 def check_accelerate(ns):
-    assert saved_key(f"{ns['output_dir']}/model") == CFG.to_dict()
+    assert saved_key(f"{ns['output_dir']}/model") == applied(CFG).to_dict()
     assert torch.isfinite(ns["loss"])
 
 

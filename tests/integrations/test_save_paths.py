@@ -19,6 +19,7 @@ from libra_train.inference.generation import find_runtime
 from tests.integrations.trainer_helpers import (
     CFG,
     LORA_TARGETS,
+    applied,
     collate,
     logits_of,
     processor,
@@ -37,7 +38,7 @@ def saved_key(directory) -> dict | None:
 
 def assert_reloads(directory, expected: torch.Tensor, cfg: LibraConfig = CFG):
     model, _ = load(directory)
-    assert find_runtime(model).config == cfg
+    assert find_runtime(model).config == applied(cfg)
     out = logits_of(model, BATCH)
     assert out.shape[1] < BATCH["input_ids"].shape[1]  # compressed
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
@@ -49,7 +50,7 @@ def test_apply_records_and_remove_clears(tmp_path):
     assert not hasattr(model.config, "libra_merging")
     cfg = LibraConfig(layers=[0, 2], ratio=[0.5, 0.25], theta=0.6)
     apply_libra(model, cfg)
-    assert model.config.libra_merging == cfg.to_dict()
+    assert model.config.libra_merging == applied(cfg).to_dict()
     remove_libra(model)
     assert not hasattr(model.config, "libra_merging")
     model.save_pretrained(tmp_path)
@@ -61,12 +62,12 @@ def test_save_pretrained_and_plain_from_pretrained(tmp_path):
     expected = logits_of(model, BATCH)
     model.save_pretrained(tmp_path)
     processor().save_pretrained(tmp_path)
-    assert saved_key(tmp_path) == CFG.to_dict()
+    assert saved_key(tmp_path) == applied(CFG).to_dict()
     assert_reloads(tmp_path, expected)
 
     # plain from_pretrained: the standard model, uncompressed, with the record on its config ...
     plain = LlavaForConditionalGeneration.from_pretrained(tmp_path, local_files_only=True)
-    assert plain.config.libra_merging == CFG.to_dict()
+    assert plain.config.libra_merging == applied(CFG).to_dict()
     full = logits_of(plain, BATCH)
     assert full.shape[1] == BATCH["input_ids"].shape[1]
     torch.testing.assert_close(full, logits_of(tiny_model(None), BATCH), rtol=0, atol=0)
@@ -101,9 +102,9 @@ def test_trainer_save_model_checkpoints_and_export(tmp_path):
     expected = logits_of(trainer.model, BATCH)
     assert not torch.equal(expected, logits_of(tiny_model(), BATCH))  # it trained
     for directory in (tmp_path / "run" / "checkpoint-2", tmp_path / "final"):
-        assert saved_key(directory) == CFG.to_dict()
+        assert saved_key(directory) == applied(CFG).to_dict()
         assert_reloads(directory, expected)
-    assert saved_key(tmp_path / "run" / "checkpoint-1") == CFG.to_dict()
+    assert saved_key(tmp_path / "run" / "checkpoint-1") == applied(CFG).to_dict()
     # scripts/export.py takes an HF Trainer checkpoint too: the merge config comes from its config.json
     assert_reloads(export_checkpoint(tmp_path / "run" / "checkpoint-2", tmp_path / "export"), expected)
 
@@ -146,8 +147,8 @@ def test_merged_peft_model(tmp_path):
     merged = model.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
     processor().save_pretrained(tmp_path / "merged")
-    assert saved_key(tmp_path / "merged") == CFG.to_dict()
+    assert saved_key(tmp_path / "merged") == applied(CFG).to_dict()
     reloaded, _ = load(tmp_path / "merged")
-    assert find_runtime(reloaded).config == CFG
+    assert find_runtime(reloaded).config == applied(CFG)
     torch.testing.assert_close(logits_of(reloaded, BATCH), logits_of(merged, BATCH), rtol=0, atol=0)
     torch.testing.assert_close(logits_of(reloaded, BATCH), expected, rtol=1e-4, atol=1e-5)

@@ -23,6 +23,7 @@ from tests.integrations.trainer_helpers import (  # noqa: E402
     LORA_TARGETS,
     QUESTIONS,
     LayerLengths,
+    applied,
     fitted_model,
     image,
     logits_of,
@@ -91,7 +92,7 @@ def test_libra_config_applies_libra_in_the_right_order(tmp_path):
         processing_class=processor(),
         libra_config=CFG,
     )
-    assert find_runtime(trainer.model).config == CFG
+    assert find_runtime(trainer.model).config == applied(CFG)
     batch = first_batch(trainer, dataset)
     loss = trainer.compute_loss(trainer.model, dict(batch))
     assert loss.item() == pytest.approx(own_loss_and_metrics(trainer.model, batch)["loss"], rel=1e-6)

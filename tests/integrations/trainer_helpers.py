@@ -8,6 +8,7 @@ save paths need a processor (``libra_train.load`` returns one) and TRL's vision 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import warnings
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from libra_train import LibraConfig, apply_libra
 from libra_train.models import build_tiny_llava
+from libra_train.plugin.units import default_unit
 
 IGNORE = -100
 CFG = LibraConfig(
@@ -45,6 +47,11 @@ def single_thread():
 @functools.cache
 def _tiny():
     return build_tiny_llava(vision_hidden=32, text_hidden=64, intermediate=128, seed=0)
+
+
+def applied(config: LibraConfig = CFG) -> LibraConfig:
+    """The config ``apply_libra`` applies (and records) on the tiny LLaVA: the family's default unit resolved."""
+    return dataclasses.replace(config, unit=config.unit or default_unit(_tiny()[0]))
 
 
 def tiny_model(libra: LibraConfig | None = CFG):
