@@ -328,7 +328,10 @@ class LibraRuntime:
             warnings.warn(
                 f"Libra: a training-mode forward of {type(entry.module).__name__} without labels: the importance is "
                 "the attention of the last token (the inference rule), not of the tokens before the answers. Pass "
-                "labels to the outer model, or wrap the call in `with libra_train.plugin.libra_labels(labels):`.",
+                "labels to the outer model, or wrap the call in `with libra_train.plugin.libra_labels(labels):`. The "
+                "output is the compressed sequence (libra_position_map maps it to the input): a trainer that scores "
+                "it against full-length labels must map them, as libra_train.integrations.trl.LibraSFTTrainer does "
+                "for TRL's SFTTrainer (whose fused LM head calls the inner model directly).",
                 stacklevel=4,
             )
 
