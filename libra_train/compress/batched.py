@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
+from libra_train.compress import similarity
 from libra_train.compress.types import (
     DROPPED,
     BatchCompressionResult,
     check_methods,
-    cosine_matrix,
     importance_temperature,
 )
 
@@ -63,10 +63,7 @@ def _select(x, alpha, mask, n, n_t, width, select, lam):
     if select == "topk":
         return _first_k_by_score(alpha.masked_fill(~mask, _NEG_INF), n_t, width)
     # turbo: redundancy = highest similarity to another visual token; the least mergeable are targets
-    sim = cosine_matrix(x, x)  # [B, N, N]
-    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-    sim = sim.masked_fill(eye | ~mask[:, None, :], _NEG_INF)
-    redundancy = sim.max(-1).values
+    redundancy = similarity.redundancy(x, mask)  # [B, N]
     peak = alpha.masked_fill(~mask, 0).max(-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).tiny)
     mergeability = redundancy - lam * alpha / peak
     return _first_k_by_score((-mergeability).masked_fill(~mask, _NEG_INF), n_t, width)
@@ -145,10 +142,9 @@ def compress_visual_tokens_batched(
             :, :n_max
         ]
 
-        sim = cosine_matrix(xd.gather(1, target[..., None].expand(-1, -1, x.shape[2])), xd)  # [B, T, N]
-        sim = sim.masked_fill(~tmask[..., None], _NEG_INF)
-        best = sim.argmax(1)  # [B, N] i*(j): first maximum = earliest target
-        positive = sim.max(1).values > theta  # [B, N] s_max(j) > theta
+        # [B, N] i*(j): first maximum = earliest target; s_max(j) > theta
+        targets = xd.gather(1, target[..., None].expand(-1, -1, x.shape[2]))  # [B, T, D]
+        best, positive = similarity.target_match(targets, xd, tmask, theta, token_mask=mask)
 
         comp = n_t[:, None].expand(bsz, n_max)  # compensation group id of each sample = N_t
         if merge in ("mean", "igm_pos"):
