@@ -64,7 +64,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from libra_train.compress.types import cosine_matrix
+from libra_train.compress.types import cosine_matrix, to_host
 
 PRECISIONS = ("auto", "float64", "refine")
 
@@ -158,11 +158,6 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.double(), dim=-1, eps=1e-12)
 
 
-def _read_count(count: torch.Tensor) -> int:
-    """The one host read of a refine call, through an explicit copy so that a CPU sync counter sees it."""
-    return count.to("cpu", copy=True).tolist()
-
-
 def _top2(est: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top estimate and its gap to the second along ``dim`` (an infinite gap where there is no second)."""
     if est.shape[dim] < 2:
@@ -208,7 +203,7 @@ def target_match(
     best, positive, ambiguous = _match_estimate(a, b, target_mask, theta, token_mask)
     if ambiguous.numel() == 0:
         return best, positive
-    k = _read_count(ambiguous.sum(1).amax())  # the most ambiguous columns of a sample
+    k = to_host(ambiguous.sum(1).amax())  # the one host read: the most ambiguous columns of a sample
     if k == 0:
         return best, positive
     # The k most ambiguous columns of every sample (all its ambiguous ones; the rest of the k are recomputed
@@ -268,7 +263,7 @@ def redundancy(x: torch.Tensor, mask: torch.Tensor, *, precision: str | None = N
     value, ambiguous = _redundancy_estimate(a, mask)
     if ambiguous.numel() == 0:
         return value
-    k = _read_count(ambiguous.sum(1).amax())
+    k = to_host(ambiguous.sum(1).amax())  # the one host read
     if k == 0:
         return value
     rows = ambiguous.float().topk(k, dim=1).indices  # [B, K]
