@@ -169,9 +169,13 @@ def compress_visual_tokens_batched(
         ]
 
         # [B, N] i*(j): first maximum = earliest target; s_max(j) > theta. Asked for the non-targets only (a
-        # target heads its own group), so the float64 refinement of similarity.target_match skips the rest.
-        targets = xd.gather(1, target[..., None].expand(-1, -1, x.shape[2]))  # [B, T, D]
-        best, positive = similarity.target_match(targets, xd, tmask, theta, token_mask=mask & ~is_target)
+        # target heads its own group), so the float64 refinement of similarity.target_match skips the rest;
+        # prune and igm_neg match nothing (no similarity product, no host read).
+        if merge in ("prune", "igm_neg"):
+            best, positive = torch.zeros_like(mask, dtype=torch.long), torch.zeros_like(mask)
+        else:
+            targets = xd.gather(1, target[..., None].expand(-1, -1, x.shape[2]))  # [B, T, D]
+            best, positive = similarity.target_match(targets, xd, tmask, theta, token_mask=mask & ~is_target)
 
         comp = n_t[:, None].expand(bsz, n_max)  # compensation group id of each sample = N_t
         if merge in ("mean", "igm_pos"):

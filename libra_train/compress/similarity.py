@@ -28,8 +28,10 @@ Precision policy (:data:`PRECISIONS`; a ``precision=`` argument, or :func:`use_p
   ``O(B * T * N * D)``. One value is read to the host per call, ``K``, to size the recompute (skipped when
   ``K == 0``); nothing else. The matmul precision settings enter the bound (TF32 or bf16 inputs make it ~2^-9 or
   ~2^-6, and many more columns ambiguous): ``python -m libra_train.bench.similarity`` prints the shares.
-- ``"auto"`` (the default): ``"float64"`` on CPU, where float64 is cheap and the numbers are the reference's
-  own, ``"refine"`` on every other device.
+- ``"auto"`` (the default): ``"float64"`` where float64 matmuls are cheap (the CPU, and P100/V100/A100/H100/
+  H200/B200, where they run at half the float32 rate: the full product then costs less than refine's host
+  read, which a GPU pays as a stall of its launch queue), ``"refine"`` on every other device (L40S, L4, A10,
+  RTX, T4: float64 at 1/32 to 1/64 of float32).
 
 Why ``delta`` bounds ``|E - R|``, with ``R = fl32(a . b computed in float64)`` the reference's float32 value
 (N. J. Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., 2002, eq. (3.5): for any order of
@@ -89,12 +91,27 @@ def use_precision(precision: str) -> Iterator[None]:
         _precision.reset(token)
 
 
+# CUDA compute capabilities whose float64 matmul runs at half the float32 rate (P100, V100, A100/A30,
+# H100/H200, B200): there the full float64 product costs less than the host read refine needs. Every other
+# part (T4, A10/A40, L4/L40S, RTX; B300, which cut float64) runs float64 at 1/32 to 1/64 of float32.
+_FAST_FLOAT64_CAPABILITIES = {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+
+
+def float64_is_fast(device: torch.device) -> bool:
+    """Whether a float64 matmul on ``device`` is cheap: the CPU, and the CUDA parts listed above."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda" and torch.version.hip is None:
+        return torch.cuda.get_device_capability(device) in _FAST_FLOAT64_CAPABILITIES
+    return False  # unknown (ROCm, MPS, XPU, ...): refine, which is exact everywhere
+
+
 def resolve_precision(precision: str | None, device: torch.device) -> str:
     """``"float64"`` or ``"refine"``: ``precision`` (default: the :func:`use_precision` setting) on ``device``."""
     precision = _precision.get() if precision is None else precision
     _check(precision)
     if precision == "auto":
-        return "float64" if device.type == "cpu" else "refine"
+        return "float64" if float64_is_fast(device) else "refine"
     return precision
 
 
@@ -103,7 +120,7 @@ def _check(precision: str) -> None:
         raise ValueError(
             f"similarity precision {precision!r} is not one of {PRECISIONS}: 'float64' computes every cosine in "
             "float64, 'refine' computes them in float32 and only the undecided ones in float64, 'auto' picks "
-            "float64 on CPU and refine elsewhere"
+            "float64 where float64 matmuls are fast (CPU, A100, H100, ...) and refine elsewhere"
         )
 
 

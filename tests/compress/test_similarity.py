@@ -325,9 +325,24 @@ def test_refine_reads_one_value_from_the_device():
     assert counter.total == 0
 
 
-def test_precision_setting():
+def test_auto_precision_follows_float64_speed(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
-    assert S.resolve_precision(None, cpu) == "float64" and S.resolve_precision(None, cuda) == "refine"
+    assert S.resolve_precision(None, cpu) == "float64"
+    for capability, precision in (
+        ((9, 0), "float64"),
+        ((8, 0), "float64"),
+        ((8, 9), "refine"),
+        ((8, 6), "refine"),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert S.resolve_precision(None, cuda) == precision, capability  # H100, A100: fast; L40S, A10: 1/64
+        assert S.resolve_precision("refine", cuda) == "refine"
+    assert S.resolve_precision(None, torch.device("mps")) == "refine"
+
+
+def test_precision_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert S.resolve_precision(None, cpu) == "float64" and S.resolve_precision("refine", cuda) == "refine"
     with S.use_precision("refine"):
         assert S.resolve_precision(None, cpu) == "refine"
         with S.use_precision("float64"):
