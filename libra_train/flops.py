@@ -31,6 +31,7 @@ __all__ = [
     "libra_points",
     "main",
     "paper_methods",
+    "pdrop_method",
     "schedule_flops",
 ]
 
@@ -79,23 +80,49 @@ def libra_points(num_layers: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the FLOPs table: compression points, one ratio for all, compensation counted."""
+    """One row of the FLOPs table: compression points, one ratio for all (or PyramidDrop's kept fractions of the
+    original count, ``keep_fractions``), compensation counted."""
 
     name: str
     points: tuple[int, ...] = ()
     ratio: float = 0.0
     compensation: bool = False
+    keep_fractions: tuple[float, ...] | None = None
 
     def schedule(self, shape: LLMShape, n_visual: int, n_text: int = 0) -> list[int]:
         """Tokens seen by each layer of ``shape`` (see ``token_schedule``)."""
         return token_schedule(
-            shape.num_layers, n_visual, self.points, self.ratio, n_text=n_text, compensation=self.compensation
+            shape.num_layers,
+            n_visual,
+            self.points,
+            self.ratio,
+            n_text=n_text,
+            compensation=self.compensation,
+            keep_fractions=self.keep_fractions,
         )
+
+    def visual_stages(self, n_visual: int) -> list[int]:
+        """Visual tokens of each stage (see ``visual_schedule``)."""
+        return visual_schedule(
+            n_visual,
+            [self.ratio] * len(self.points),
+            compensation=self.compensation,
+            keep_fractions=self.keep_fractions,
+        )
+
+
+def pdrop_method(num_layers: int) -> Method:
+    """PyramidDrop as its scripts run it (``layer_list=[8, 16, 24]`` of 32 layers, i.e. points {7, 15, 23}, and
+    ``image_token_ratio_list=[0.5, 0.25, 0.125]``: ``int(N0 * 0.5**k)`` of the original count at stage k), with
+    the points scaled to the depth as Libra's are; its ranking's extra q/k projection of one layer per point is
+    not counted (the paper's model counts decoder layers only)."""
+    points = tuple(libra_points(num_layers))
+    return Method("PDrop", points, 0.5, keep_fractions=tuple(0.5**k for k in range(1, len(points) + 1)))
 
 
 def paper_methods(num_layers: int) -> list[Method]:
     """Rows of the paper's Table 1 (vanilla, FastV K=3 R=50%, Libra R=50/67/80%), plus Libra with
-    its compensation tokens counted (one per point, the upper bound).
+    its compensation tokens counted (one per point, the upper bound) and PyramidDrop (lambda 0.5).
 
     The paper's Table 1 does *not* count compensation tokens: with N=576 and no text, rounding to
     two decimals, counting them gives 1.79 / 1.42 instead of 1.78 / 1.41 (7B) and 3.49 / 2.76
@@ -106,6 +133,7 @@ def paper_methods(num_layers: int) -> list[Method]:
     for ratio in (0.5, 2 / 3, 0.8):
         for comp in (False, True):
             rows.append(Method("Libra", tuple(libra_points(num_layers)), ratio, comp))
+    rows.append(pdrop_method(num_layers))
     return rows
 
 
@@ -122,9 +150,11 @@ def flops_table(shape: LLMShape, n_visual: int = 576, n_text: int = 0) -> str:
     vanilla = schedule_flops([n_visual + n_text] * shape.num_layers, shape)
     for m in paper_methods(shape.num_layers):
         flops = schedule_flops(m.schedule(shape, n_visual, n_text), shape)
-        stages = visual_schedule(n_visual, [m.ratio] * len(m.points), compensation=m.compensation)
+        stages = m.visual_stages(n_visual)
         points = "{" + ",".join(map(str, m.points)) + "}" if m.points else "-"
         ratio = _ratio_str(m.ratio) if m.points else "-"
+        if m.keep_fractions is not None:
+            ratio = "λ=" + f"{m.ratio:g}"
         comp = ("counted" if m.compensation else "not counted") if m.name == "Libra" else "-"
         lines.append(
             f"| {m.name} | {points} | {ratio} | {comp} | {'/'.join(map(str, stages))} "

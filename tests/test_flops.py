@@ -10,6 +10,7 @@ from libra_train.flops import (
     layer_flops,
     libra_points,
     main,
+    pdrop_method,
     schedule_flops,
 )
 
@@ -84,6 +85,16 @@ def test_cli_prints_table(capsys):
     assert "| Libra | {7,15,23} | 50% | not counted | 576/288/144/72 | 1.78 | 0.466 |" in out
     assert "| Libra | {7,15,23} | 67% | not counted | 576/192/64/21 | 1.41 | 0.368 |" in out
     assert "| Libra | {7,15,23} | 67% | counted | 576/193/66/24 | 1.42 | 0.371 |" in out
+    assert "| PDrop | {7,15,23} | λ=0.5 | - | 576/288/144/72 | 1.78 | 0.466 |" in out
+
+
+def test_pdrop_schedule_takes_floors_of_the_original_count():
+    pdrop = pdrop_method(32)
+    assert (pdrop.points, pdrop.keep_fractions) == ((7, 15, 23), (0.5, 0.25, 0.125))
+    assert pdrop.schedule(SEVEN_B, 625) == [625] * 8 + [312] * 8 + [156] * 8 + [78] * 8
+    # of the original count, floored: 10 * 0.55 -> 5; the chained rule rounds 10 * (1 - 0.45) = 5.5 up to 6
+    assert Method("PDrop", (1, 3), 0.45, keep_fractions=(0.55, 0.3025)).visual_stages(10) == [10, 5, 3]
+    assert Method("Libra", (1, 3), 0.45).visual_stages(10) == [10, 6, 3]
 
 
 def test_cli_all_presets(capsys):

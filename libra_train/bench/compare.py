@@ -35,6 +35,9 @@ Methods (equal ratio R per point; ``fastv-q`` gives Libra's exact token budget w
   its compensation tokens, which isolates the cost of interval selection + importance-weighted merging.
 * ``libra``: interval selection + IGM at the end of each of the first three quarters of depth
   (`libra_train.flops.libra_points`: {7, 15, 23} of 32 layers, {0, 1, 2} of 4).
+* ``pdrop``: PyramidDrop (``LibraConfig(method="pdrop")``: next-layer ranking, pruning, renumbered positions) at
+  Libra's points with its scripts' kept fractions 0.5 / 0.25 / 0.125 of the original count: one row whatever the
+  ratios (its lambda 0.5 is the ``ratio`` column).
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ from libra_train.bench.shapes import BenchInputs, BenchShape
 from libra_train.bench.timing import Timing, measure, synchronize
 from libra_train.flops import libra_points, schedule_flops
 from libra_train.plugin import LibraConfig, apply_libra, libra_runtime, remove_libra, visual_span
+from libra_train.plugin.config import PDROP_LAMBDA
 
-METHODS = ("full", "fastv", "fastv-q", "libra")
+METHODS = ("full", "fastv", "fastv-q", "libra", "pdrop")
 TRAIN_MODES = {"train": False, "train_ckpt": True}  # field prefix -> gradient checkpointing
 
 
@@ -74,11 +78,15 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
+        if self.method == "pdrop":
+            return f"pdrop lambda={self.ratio:g}"
         return self.method if self.method == "full" else f"{self.method} R={self.ratio:g}"
 
     def config(self) -> LibraConfig | None:
         if self.method == "full":
             return None
+        if self.method == "pdrop":
+            return LibraConfig(method="pdrop", layers=list(self.points))
         preset = "libra" if self.method == "libra" else "fastv"
         return LibraConfig(method=preset, layers=list(self.points), ratio=self.ratio)
 
@@ -91,12 +99,16 @@ def method_specs(methods: list[str], ratios: list[float], num_layers: int) -> li
             specs.append(MethodSpec("full"))
         elif method == "fastv":
             specs += [MethodSpec("fastv", r, (fastv_point(num_layers),)) for r in ratios]
-        elif method in ("fastv-q", "libra"):
+        elif method in ("fastv-q", "libra", "pdrop"):
             if num_layers < 4:
                 raise ValueError(
                     f"{method} needs at least 4 layers (one point per quarter), got {num_layers}"
                 )
-            specs += [MethodSpec(method, r, tuple(libra_points(num_layers))) for r in ratios]
+            points = tuple(libra_points(num_layers))
+            if method == "pdrop":  # its own fractions, not the ratios
+                specs.append(MethodSpec(method, PDROP_LAMBDA, points))
+            else:
+                specs += [MethodSpec(method, r, points) for r in ratios]
         else:
             raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return specs

@@ -23,6 +23,7 @@ from libra_train.compress.schedule import num_targets
 from libra_train.compress.types import (
     DROPPED,
     BatchCompressionResult,
+    TargetCounts,
     check_methods,
     importance_temperature,
     to_host,
@@ -122,6 +123,7 @@ def compress_visual_tokens_batched(
     theta: float = 0.7,
     lam: float = 1.0,
     counts: Sequence[int] | None = None,
+    targets: TargetCounts | None = None,
 ) -> BatchCompressionResult:
     """Compress a padded batch of visual spans; per sample equal to :func:`compress_visual_tokens`.
 
@@ -134,6 +136,8 @@ def compress_visual_tokens_batched(
             device, the mask is trusted to be a prefix mask, and the output width ``M`` is ``T + 1`` for merges
             that can make a compensation token (the slot is reserved whether or not one is made). Without it,
             ``M`` is the batch's real maximum.
+        targets: explicit targets per sample (host and device copies), replacing ``num_targets(N_b, ratio)``
+            (PyramidDrop's fractions of an original count); needs ``counts``. ``ratio`` is then not used.
 
     Returns:
         A :class:`BatchCompressionResult`.
@@ -147,12 +151,14 @@ def compress_visual_tokens_batched(
         if not torch.equal(mask, torch.arange(n_max, device=device) < n[:, None]):
             raise ValueError("mask must be a prefix mask: each sample's visual tokens first, padding after")
         counts = to_host(n)
-    kept = [num_targets(c, ratio) for c in counts]  # host copy of n_t
+    if targets is not None and not reserve:
+        raise ValueError("explicit targets need the host's counts")
+    kept = list(targets.host) if targets is not None else [num_targets(c, ratio) for c in counts]  # host n_t
     if all(
         k >= c for k, c in zip(kept, counts)
     ):  # nothing to remove anywhere (ratio 0, single tokens, empty)
         return _identity(x, mask)
-    n_t = _num_targets(n, ratio)  # [B], equal to `kept`
+    n_t = targets.device if targets is not None else _num_targets(n, ratio)  # [B], equal to `kept`
 
     width = max(kept)  # T
     span = max(-(-c // k) for c, k in zip(counts, kept) if k)  # the longest interval, ceil(n / n_t)

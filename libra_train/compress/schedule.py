@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["num_targets", "token_schedule", "visual_schedule"]
+__all__ = ["kept_of_original", "num_targets", "token_schedule", "visual_schedule"]
 
 
 def num_targets(n: int, ratio: float) -> int:
@@ -36,6 +36,17 @@ def num_targets(n: int, ratio: float) -> int:
     return 0 if n == 0 else max(1, round(n * (1 - ratio)))
 
 
+def kept_of_original(n0: int, fraction: float) -> int:
+    """Visual tokens kept out of a span whose ORIGINAL count is ``n0``, at a point that keeps ``fraction`` of it.
+
+    PyramidDrop's rule (``int(N0 * r_k)``: floor, of the original count, not of the previous stage's), kept at
+    one token at least as :func:`num_targets` is (PyramidDrop would keep none once ``N0 * r_k < 1``), and 0 when
+    there is nothing to compress. The device computes the same in float64
+    (``libra_train.compress.stage.kept_of_original_device``).
+    """
+    return 0 if n0 == 0 else max(1, int(n0 * fraction))
+
+
 def _check_ratios(ratios: Sequence[float]) -> list[float]:
     out = [float(r) for r in ratios]
     for r in out:
@@ -44,19 +55,28 @@ def _check_ratios(ratios: Sequence[float]) -> list[float]:
     return out
 
 
-def visual_schedule(n_visual: int, ratios: Sequence[float], *, compensation: bool = False) -> list[int]:
+def visual_schedule(
+    n_visual: int,
+    ratios: Sequence[float],
+    *,
+    compensation: bool = False,
+    keep_fractions: Sequence[float] | None = None,
+) -> list[int]:
     """Visual-span tokens of each stage: the stage before the first point, then one per point.
 
     Example: ``visual_schedule(576, [0.5] * 3)`` is ``[576, 288, 144, 72]``; with
     ``compensation=True`` it is ``[576, 289, 146, 75]`` (merged visual + carried compensation).
+    ``keep_fractions`` replaces the chained ratios by fractions of the original count
+    (:func:`kept_of_original`; PyramidDrop's ``[0.5, 0.25, 0.125]`` also gives ``[576, 288, 144, 72]``).
 
     Args:
         n_visual: Visual tokens entering the LLM.
-        ratios: The ratio ``R_k`` of each compression point, in order.
+        ratios: The ratio ``R_k`` of each compression point, in order (ignored with ``keep_fractions``).
         compensation: Count one compensation token per point that removed tokens.
+        keep_fractions: The kept fraction ``f_k`` of ``n_visual`` at each point, or None.
 
     Returns:
-        ``len(ratios) + 1`` counts.
+        ``len(ratios) + 1`` counts (``len(keep_fractions) + 1`` with fractions).
 
     Raises:
         ValueError: On a negative ``n_visual`` or a ratio outside ``[0, 1)``.
@@ -65,8 +85,9 @@ def visual_schedule(n_visual: int, ratios: Sequence[float], *, compensation: boo
         raise ValueError(f"n_visual must be >= 0, got {n_visual}")
     visual, carried = n_visual, 0
     counts = [n_visual]
-    for r in _check_ratios(ratios):
-        kept = num_targets(visual, r)
+    steps = [None] * len(keep_fractions) if keep_fractions is not None else _check_ratios(ratios)
+    for k, r in enumerate(steps):
+        kept = num_targets(visual, r) if r is not None else kept_of_original(n_visual, keep_fractions[k])
         if compensation and kept < visual:
             carried += 1
         visual = kept
@@ -82,6 +103,7 @@ def token_schedule(
     *,
     n_text: int = 0,
     compensation: bool = False,
+    keep_fractions: Sequence[float] | None = None,
 ) -> list[int]:
     """Tokens seen by each of the ``num_layers`` layers of the LLM.
 
@@ -93,6 +115,8 @@ def token_schedule(
         ratios: One ratio per point, or a single float used at every point; each in ``[0, 1)``.
         n_text: Non-visual tokens, seen by every layer.
         compensation: Count one compensation token per point that removed tokens.
+        keep_fractions: One kept fraction of ``n_visual`` per point instead of ``ratios`` (PyramidDrop's rule,
+            :func:`kept_of_original`), or None.
 
     Returns:
         ``num_layers`` token counts; e.g. points ``[7, 15, 23]``, R=0.5, 32 layers, N=576:
@@ -118,7 +142,9 @@ def token_schedule(
         ratios = [ratios] * len(points)
     elif len(ratios) != len(points):
         raise ValueError(f"got {len(ratios)} ratios for {len(points)} compression points")
-    counts = visual_schedule(n_visual, ratios, compensation=compensation)
+    if keep_fractions is not None and len(keep_fractions) != len(points):
+        raise ValueError(f"got {len(keep_fractions)} keep fractions for {len(points)} compression points")
+    counts = visual_schedule(n_visual, ratios, compensation=compensation, keep_fractions=keep_fractions)
     # Stage k covers layers (points[k-1], points[k]]; the last stage runs to the last layer.
     ends = [*points, num_layers - 1]
     schedule: list[int] = []

@@ -23,13 +23,14 @@ tokens: what attention sees). Holes are carried like tokens, so the host's :clas
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from libra_train.compress.batched import COMPENSATING_MERGES, compress_visual_tokens_batched
-from libra_train.compress.schedule import num_targets
-from libra_train.compress.types import BatchCompressionResult, to_host
+from libra_train.compress.schedule import kept_of_original, num_targets
+from libra_train.compress.types import BatchCompressionResult, TargetCounts, to_host
 
 
 @dataclass(frozen=True)
@@ -64,20 +65,50 @@ class HostLayout:
         counts, n_occupied = to_host(per_unit), to_host(occupied.sum(1))
         return cls(tuple(tuple(c) for c in counts), tuple(n_occupied))
 
-    def reserves(self, ratio: float, merge: str) -> list[list[bool]]:
+    def kept(
+        self, ratio: float, targets: Sequence[Sequence[int]] | None = None
+    ) -> tuple[tuple[int, ...], ...]:
+        """Per unit: the targets a point keeps, ``num_targets(n, ratio)`` or the explicit ``targets``."""
+        if targets is not None:
+            return tuple(tuple(t) for t in targets)
+        return tuple(tuple(num_targets(n, ratio) for n in units) for units in self.units)
+
+    def reserves(
+        self, ratio: float, merge: str, targets: Sequence[Sequence[int]] | None = None
+    ) -> list[list[bool]]:
         """Per unit: does this point reserve a compensation slot (it removes tokens, the merge compensates)?"""
         compensates = merge in COMPENSATING_MERGES
-        return [[compensates and num_targets(n, ratio) < n for n in units] for units in self.units]
+        return [
+            [compensates and k < n for n, k in zip(units, kept)]
+            for units, kept in zip(self.units, self.kept(ratio, targets))
+        ]
 
-    def after(self, ratio: float, merge: str) -> HostLayout:
-        """The layout after a point that keeps ``num_targets(n, ratio)`` of each unit's ``n`` visual tokens."""
-        kept = tuple(tuple(num_targets(n, ratio) for n in units) for units in self.units)
-        reserved = self.reserves(ratio, merge)
+    def after(self, ratio: float, merge: str, targets: Sequence[Sequence[int]] | None = None) -> HostLayout:
+        """The layout after a point that keeps ``num_targets(n, ratio)`` (or ``targets``) of each unit's ``n``
+        visual tokens."""
+        kept = self.kept(ratio, targets)
+        reserved = self.reserves(ratio, merge, targets)
         occupied = tuple(
             o - sum(units) + sum(k) + sum(r)
             for o, units, k, r in zip(self.occupied, self.units, kept, reserved)
         )
         return HostLayout(kept, occupied)
+
+    def kept_of_original(
+        self, fraction: float, counts: torch.Tensor
+    ) -> tuple[tuple[tuple[int, ...], ...], torch.Tensor]:
+        """The targets of a point that keeps ``fraction`` of the counts of THIS layout (the original one), given
+        ``counts`` (``[B, U]``, the device's copy of ``units``): ``(host [B][U], device [B, U])``, the same
+        numbers (:func:`kept_of_original_device`)."""
+        host = tuple(tuple(kept_of_original(n, fraction) for n in units) for units in self.units)
+        return host, kept_of_original_device(counts, fraction)
+
+
+def kept_of_original_device(n0: torch.Tensor, fraction: float) -> torch.Tensor:
+    """:func:`~libra_train.compress.schedule.kept_of_original` on the device: ``max(1, floor(n0 * f))`` (0 for
+    ``n0 == 0``), in float64 as Python multiplies, so host and device agree on every count."""
+    kept = torch.floor(n0.double() * fraction).long().clamp_min(1)
+    return kept.masked_fill(n0 == 0, 0)
 
 
 def unit_counts(visual: torch.Tensor, units: torch.Tensor | None, num_units: int) -> torch.Tensor:
@@ -173,6 +204,7 @@ def compress_sequence(
     occupied: torch.Tensor | None = None,
     units: torch.Tensor | None = None,
     layout: HostLayout | None = None,
+    targets: tuple[Sequence[Sequence[int]], torch.Tensor] | None = None,
 ) -> StagePlan:
     """Compress the visual tokens of padded sequences, unit by unit, and lay the sequences out again.
 
@@ -188,6 +220,8 @@ def compress_sequence(
         units: ``[B, L]`` long, the compression unit of each visual position (``0..U-1`` within its sample,
             units in position order); None: one unit per sample.
         layout: the host's counts for ``visual & valid`` (per unit) and ``occupied``; read if not given.
+        targets: explicit targets per unit instead of ``num_targets(n, ratio)``: the host's ``[B][U]`` and the
+            device's ``[B, U]`` copies of the same numbers (``HostLayout.kept_of_original``); needs ``layout``.
 
     Returns:
         A :class:`StagePlan`.
@@ -204,6 +238,9 @@ def compress_sequence(
     flat_pos, flat_mask = vis_pos.view(bsz * n_units, width), vis_mask.view(bsz * n_units, width)
     rows_of = torch.arange(bsz, device=device).repeat_interleave(n_units)[:, None]  # [B*U, 1] sample of a row
     x = hidden[rows_of, flat_pos]  # [B*U, N, D]
+    row_targets = None
+    if targets is not None:
+        row_targets = TargetCounts(tuple(t for row in targets[0] for t in row), targets[1].reshape(-1))
     result = compress_visual_tokens_batched(
         x,
         alpha[rows_of, flat_pos],
@@ -214,8 +251,9 @@ def compress_sequence(
         theta=theta,
         lam=lam,
         counts=[n for u in layout.units for n in u],
+        targets=row_targets,
     )
-    new_layout = layout.after(ratio, merge)
+    new_layout = layout.after(ratio, merge, None if targets is None else targets[0])
     new_len = max(new_layout.occupied, default=0)
 
     with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,17 @@ MERGE_METHODS = ("igm", "prune", "mean", "igm_pos", "igm_neg")
 
 # Group id of a token that is dropped (prune) or is padding, in ``assignment``.
 DROPPED = -1
+
+
+class TargetCounts(NamedTuple):
+    """Explicit targets per row of a batched compression, instead of ``num_targets(N_b, ratio)``.
+
+    The host copy sizes every tensor; the device copy (the same numbers, computed on the device by the same
+    formula) is what the selection reads, so neither is read back from the other.
+    """
+
+    host: tuple[int, ...]
+    device: torch.Tensor  # [B] long
 
 
 @dataclass

@@ -30,7 +30,10 @@ def _tokens_section(model_config: Any, cfg: LibraConfig, n_visual: int | None) -
         ]
     points, ratios = (cfg.layers, cfg.ratios) if cfg.enabled else ([], [])
     comp = cfg.merge_method in ("igm", "igm_neg")  # the merges that add a compensation token
-    schedule = token_schedule(shape.num_layers, n_visual, points, ratios, compensation=comp)
+    fractions = cfg.kept_fractions if cfg.enabled else None  # PyramidDrop's keep rule, if set
+    schedule = token_schedule(
+        shape.num_layers, n_visual, points, ratios, compensation=comp, keep_fractions=fractions
+    )
     full = schedule_flops([n_visual] * shape.num_layers, shape)
     lines = [
         f"Visual tokens each LLM layer sees for one image of N = {n_visual} tokens "
@@ -87,7 +90,9 @@ def model_card(
         "",
         f"Compression: {state}; method `{cfg.method}` (select `{cfg.select_method}`, "
         f"merge `{cfg.merge_method}`), "
-        f"points {cfg.layers}, ratio {cfg.ratio}, theta {cfg.theta}.",
+        f"points {cfg.layers}, "
+        + (f"kept fractions {cfg.kept_fractions}" if cfg.kept_fractions else f"ratio {cfg.ratio}")
+        + f", theta {cfg.theta}.",
         "",
         "| field | value |",
         "|---|---|",

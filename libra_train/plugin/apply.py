@@ -31,6 +31,12 @@ from torch import nn
 
 from libra_train.plugin.attention import PREFIX, register_hybrid_attention
 from libra_train.plugin.config import LibraConfig
+from libra_train.plugin.families import (
+    check_supported,
+    spatial_merge,
+    video_frame_tokens,
+    visual_token_kinds,
+)
 from libra_train.plugin.loss import libra_causal_lm_loss
 from libra_train.plugin.persist import clear_merge_config, record_merge_config, recorded_merge_config
 from libra_train.plugin.state import (
@@ -41,7 +47,13 @@ from libra_train.plugin.state import (
     current_span,
     given_cache,
 )
-from libra_train.plugin.units import default_unit, run_units
+from libra_train.plugin.units import (
+    RECORDING_FAMILIES,
+    TEXT,
+    FeatureRecorder,
+    UnitSource,
+    default_unit,
+)
 
 RUNTIME_ATTR = "_libra_runtime"
 
@@ -58,16 +70,6 @@ def find_decoder(model: nn.Module) -> nn.Module:
         f"{type(model).__name__}: no decoder with `.layers[i].self_attn.layer_idx` found; "
         "apply_libra supports LLaVA, LLaVA-NeXT, Qwen2-VL and Llama-family decoder-only models"
     )
-
-
-def _image_token_ids(model: nn.Module) -> list[int]:
-    config = getattr(model, "config", None)
-    ids = []
-    for name in ("image_token_id", "image_token_index", "video_token_id"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value not in ids:
-            ids.append(value)
-    return ids
 
 
 def entry_path(model: nn.Module, decoder: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -143,10 +145,14 @@ class LibraRuntime:
         ):  # the family's default, resolved on a copy (one config may serve several models)
             config = dataclasses.replace(config, unit=default_unit(model))
         self.config = config  # what this model applies; saved with its checkpoints and exports
+        check_supported(model, config, self.decoder.config)
         self.points = dict(zip(config.layers, config.ratios))
-        self.image_token_ids = _image_token_ids(model)
-        self._token_ids: dict[torch.device, torch.Tensor] = {}  # built once per device, not per forward
+        self.family = getattr(getattr(model, "config", None), "model_type", None)
+        self.token_kinds = visual_token_kinds(model)  # placeholder id -> IMAGE / VIDEO
+        self.merge = spatial_merge(model)
+        self.frame_tokens = video_frame_tokens(model)
         self.entries = entry_path(model, self.decoder)
+        self.recorders = self._feature_methods() if config.unit != "sample" else []
         self.forward: ForwardState | None = None
         self._active = False  # an entry's forward is running (entries below it pass through)
         self._warned_no_labels = False
@@ -175,6 +181,8 @@ class LibraRuntime:
             self._hook_ids.append(self.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).id)
         for module, role in self.entries:
             module.forward = LibraEntry(self, module.forward, role)
+        for module, name, what in self.recorders:
+            setattr(module, name, FeatureRecorder(self, getattr(module, name), what))
         setattr(model, RUNTIME_ATTR, self)
 
     def detach(self, model: nn.Module) -> None:
@@ -187,7 +195,21 @@ class LibraRuntime:
             cfg._attn_implementation = self._original_attn[key]
         for module, _ in self.entries:
             del module.forward  # the instance attribute: the class's forward is back
+        for module, name, _ in self.recorders:
+            delattr(module, name)
         delattr(model, RUNTIME_ATTR)
+
+    def _feature_methods(self) -> list[tuple[nn.Module, str, str]]:
+        """``(module, method, what)`` of the feature methods whose counts cut the units: on the innermost entry
+        that has them (the multimodal model whose forward calls ``self.get_image_features``; the outer model's
+        own method only delegates to it)."""
+        if self.family not in RECORDING_FAMILIES:
+            return []
+        for module, role in reversed(self.entries):
+            if role != "decoder" and callable(getattr(module, "get_image_features", None)):
+                names = [("get_image_features", "image"), ("get_video_features", "video")]
+                return [(module, n, w) for n, w in names if callable(getattr(module, n, None))]
+        return []
 
     # -- the forward -----------------------------------------------------------------------------------------
     def enter(self, entry: LibraEntry, args: tuple, kwargs: dict):
@@ -245,20 +267,21 @@ class LibraRuntime:
         stages = [0] + [stage_of_layer[min(i - 1, len(self.layers) - 1)] for i in range(1, count)]
         return tuple(state.position_maps[min(s, len(state.position_maps) - 1)] for s in stages)
 
-    def _visual_positions(self, entry: LibraEntry, call: dict, span) -> torch.Tensor | None:
-        """``[B, L]`` bool visual positions of this call, or None when it has none the plug-in can see."""
+    def _token_kinds(
+        self, entry: LibraEntry, call: dict, span
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(visual [B, L] bool, kind [B, L] long | None)`` of this call's positions (kind: ``TEXT`` / ``IMAGE`` /
+        ``VIDEO``, None when only a ``visual_span`` mask tells them), or None when it has none the plug-in sees."""
         if span is not None and span.mask is not None:
-            return span.mask.bool()
-        if not self.image_token_ids:
+            return span.mask.bool(), None
+        if not self.token_kinds:
             return None
         input_ids = call.get("input_ids")
         if input_ids is not None:
-            ids = self._token_ids.get(input_ids.device)
-            if ids is None:
-                ids = self._token_ids[input_ids.device] = torch.tensor(
-                    self.image_token_ids, device=input_ids.device
-                )
-            return torch.isin(input_ids, ids)
+            kind = torch.zeros_like(input_ids)
+            for token, token_kind in self.token_kinds.items():  # scalar compares: no host tensor per forward
+                kind = kind.masked_fill(input_ids == token, token_kind)
+            return kind != TEXT, kind
         embeds = call.get("inputs_embeds")
         if embeds is None:
             return None
@@ -272,10 +295,10 @@ class LibraRuntime:
         # Before the multimodal model scatters the image features in, the placeholders hold the image tokens'
         # own embeddings: transformers' get_placeholder_mask finds them the same way.
         table = entry.module.get_input_embeddings().weight
-        visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        for token in self.image_token_ids:
-            visual |= (embeds == table[token].to(embeds.dtype)).all(-1)
-        return visual
+        kind = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        for token, token_kind in self.token_kinds.items():
+            kind = kind.masked_fill((embeds == table[token].to(embeds.dtype)).all(-1), token_kind)
+        return kind != TEXT, kind
 
     def _begin(self, entry: LibraEntry, call: dict) -> ForwardState | None:
         attention_mask = call.get("attention_mask")
@@ -298,29 +321,42 @@ class LibraRuntime:
                 query_mask=None,
                 position_map=None,
                 decode_stages=stages,
+                rotary=getattr(self.decoder, "rotary_emb", None),
             )
         span = current_span()
-        visual = self._visual_positions(entry, call, span)
-        if visual is None:
+        found = self._token_kinds(entry, call, span)
+        if found is None:
             return None
-        units = self._units(visual, span)
+        visual, kind = found
+        units = self._unit_source(call, visual, kind, span)
         valid = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
         labels = call.get("labels") if entry.takes_labels else None
         if labels is None:
             labels = current_labels()
         if labels is None and entry.module.training and (span is None or span.query_index is None):
             self._warn_no_labels(entry)
+        rotary = getattr(self.decoder, "rotary_emb", None)
         return begin_prefill(
-            self.config, self.points, self.decoder.config, visual, valid, labels, span, units
+            self.config, self.points, self.decoder.config, visual, valid, labels, span, units, rotary
         )
 
-    def _units(self, visual: torch.Tensor, span) -> torch.Tensor | None:
-        """``[B, L]`` compression unit of each visual position, or None for one unit per sample."""
+    def _unit_source(
+        self, call: dict, visual: torch.Tensor, kind: torch.Tensor | None, span
+    ) -> UnitSource | None:
+        """Where this forward's compression units come from, or None for one unit per sample."""
         if span is not None and span.units is not None:
-            return span.units.to(visual.device)
+            return UnitSource(self.family, self.config.unit, span.units.to(visual.device), explicit=True)
         if self.config.unit == "sample":
             return None
-        return run_units(visual)
+        return UnitSource.at_entry(
+            self.family,
+            self.config.unit,
+            visual,
+            kind,
+            call,
+            merge=self.merge,
+            frame_tokens=self.frame_tokens,
+        )
 
     def _warn_no_labels(self, entry: LibraEntry) -> None:
         if not self._warned_no_labels:
@@ -341,13 +377,13 @@ class LibraRuntime:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if state.decode_stages is not None:
-            in_stage, mask = state.decode_mask(idx, hidden, kwargs)
-            if not in_stage:
+            overrides = state.decode_overrides(idx, hidden, kwargs)
+            if overrides is None:
                 return None
-            kwargs["attention_mask"] = mask
+            kwargs.update(overrides)
             return args, kwargs
         if (idx - 1) in self.points and state.has_visual():
-            hidden = state.compress(idx, hidden, kwargs)
+            hidden = state.compress(idx, hidden, kwargs, layer)
             if args:
                 args = (hidden, *args[1:])
             else:

@@ -54,9 +54,22 @@ def query_attention(
         key_valid: ``[B, L_k]`` bool, the 2-D padding mask.
     """
     bsz, heads, _, dim = query.shape
+    rows = query.gather(2, query_index[:, None, :, None].expand(bsz, heads, query_index.shape[1], dim))
+    return row_attention(rows, key, scaling, query_index, query_mask, key_valid)
+
+
+@torch.no_grad()
+def row_attention(
+    rows: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    query_index: torch.Tensor,
+    query_mask: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`query_attention` of query rows already gathered: ``rows [B, H, Q, d]`` sit at ``query_index``."""
+    bsz, heads, n_q, dim = rows.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    n_q = query_index.shape[1]
-    rows = query.gather(2, query_index[:, None, :, None].expand(bsz, heads, n_q, dim))  # [B, H, Q, d]
     rows = rows.float().reshape(bsz, kv_heads, (heads // kv_heads) * n_q, dim)  # [B, H_kv, G*Q, d]
     scores = (rows @ key.float().transpose(-1, -2)) * scaling  # [B, H_kv, G*Q, L_k]
     scores = scores.view(bsz, heads, n_q, length)
@@ -66,6 +79,57 @@ def query_attention(
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, Q, L_k]
     weight = query_mask.float()
     return (probs * weight[..., None]).sum(1) / weight.sum(1).clamp_min(1.0)[:, None]
+
+
+def gather_positions(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Gather rotary ``cos``/``sin`` along the sequence: ``[B|1, L, d]`` or M-RoPE ``[k, B|1, L, d]``."""
+    seq_dim = t.ndim - 2
+    bsz, new_len = source.shape
+    shape = list(t.shape)
+    shape[seq_dim - 1] = bsz
+    t = t.expand(shape)
+    index = source.view(*([1] * (t.ndim - 3)), bsz, new_len, 1).expand(*shape[:seq_dim], new_len, shape[-1])
+    return t.gather(seq_dim, index)
+
+
+@torch.no_grad()
+def next_layer_importance(
+    layer: torch.nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    query_mask: torch.Tensor,
+    key_valid: torch.Tensor,
+) -> torch.Tensor:
+    """PyramidDrop's importance: the attention row the next layer would compute, before it runs: ``[B, L]``.
+
+    ``layer``'s own ``input_layernorm``, ``q_proj`` / ``k_proj`` (and per-head ``q_norm`` / ``k_norm`` where the
+    attention has them, as Qwen3's applies them before the rotary), its modeling module's
+    ``apply_rotary_pos_emb`` at the current ``position_embeddings``, then :func:`row_attention`. Only the query
+    rows are projected to queries (each row is the same per-token computation as in the full projection).
+
+    Args:
+        layer: the decoder layer about to run (its ``self_attn`` has ``q_proj``, ``k_proj``, ``head_dim``,
+            ``scaling``).
+        hidden: ``[B, L, D]`` its input (the previous layer's output).
+        position_embeddings: ``(cos, sin)`` ``[B|1, L, d]`` the layer would get.
+        query_index, query_mask, key_valid: as in :func:`query_attention`.
+    """
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)  # [B, L, D]
+    bsz, length, _ = x.shape
+    head_dim, n_q = attn.head_dim, query_index.shape[1]
+    rows = x.gather(1, query_index[..., None].expand(bsz, n_q, x.shape[-1]))  # [B, Q, D]
+    query = attn.q_proj(rows).view(bsz, n_q, -1, head_dim)  # [B, Q, H, d]
+    key = attn.k_proj(x).view(bsz, length, -1, head_dim)  # [B, L, H_kv, d]
+    if getattr(attn, "q_norm", None) is not None:
+        query, key = attn.q_norm(query), attn.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)  # [B, H, Q, d], [B, H_kv, L, d]
+    rotate = inspect.getmodule(type(attn)).apply_rotary_pos_emb
+    cos, sin = position_embeddings
+    query, _ = rotate(query, query, gather_positions(cos, query_index), gather_positions(sin, query_index))
+    key, _ = rotate(key, key, cos, sin)
+    return row_attention(query, key, attn.scaling, query_index, query_mask, key_valid)
 
 
 NAME_BLIND_BACKENDS = (

@@ -12,12 +12,21 @@ from libra_train.compress.types import MERGE_METHODS, SELECT_METHODS
 
 CONFIG_NAME = "libra_config.json"
 
-# method -> (select, merge); explicit ``select=`` / ``merge=`` override the preset.
-METHOD_PRESETS: dict[str, tuple[str, str]] = {
-    "libra": ("interval", "igm"),
-    "fastv": ("topk", "prune"),
-    "turbo": ("turbo", "mean"),
+# method -> its switches; explicit ``select=`` / ``merge=`` / ``importance=`` / ``positions=`` override the preset.
+METHOD_PRESETS: dict[str, dict[str, str]] = {
+    "libra": {"select": "interval", "merge": "igm"},
+    "fastv": {"select": "topk", "merge": "prune"},
+    "turbo": {"select": "turbo", "merge": "mean"},
+    # PyramidDrop (Cooperx521/PyramidDrop, `pdrop_rank_drop`): ranks with the next layer's own projections, keeps a
+    # fraction of the ORIGINAL count at each point (`keep_fractions`) and renumbers the positions.
+    "pdrop": {"select": "topk", "merge": "prune", "importance": "next_layer", "positions": "renumber"},
 }
+SWITCH_DEFAULTS = {"importance": "layer", "positions": "original"}
+IMPORTANCE_SOURCES = ("layer", "next_layer")
+POSITION_RULES = ("original", "renumber")
+PDROP_LAMBDA = (
+    0.5  # PyramidDrop's scripts: image_token_ratio_list = [0.5, 0.25, 0.125] for layer_list [8, 16, 24]
+)
 QUERY_RULES = ("answer_starts", "last_instruction")
 UNITS = ("sample", "image", "frame")
 
@@ -30,9 +39,14 @@ class LibraConfig:
     importance, and layer ``l``'s output is compressed before layer ``l + 1`` (shared/DESIGN.md section 1).
 
     Args:
-        method: ``libra`` (interval + igm), ``fastv`` (topk + prune) or ``turbo`` (turbo + mean).
+        method: ``libra`` (interval + igm), ``fastv`` (topk + prune), ``turbo`` (turbo + mean) or ``pdrop``
+            (PyramidDrop: topk + prune + ``importance="next_layer"`` + ``positions="renumber"`` +
+            ``keep_fractions``; its layer ``L`` is point ``L - 1``: ``layer_list=[8, 16, 24]`` is
+            ``layers=[7, 15, 23]``).
         layers: compression points, sorted, unique, each below the model's last layer.
-        ratio: fraction of the visual tokens each point removes, one float for all points or one per point.
+        ratio: fraction of the visual tokens each point removes, one float for all points or one per point
+            (``N_t = max(1, round(N (1 - R)))`` of the ``N`` tokens the point receives). Not used when
+            ``keep_fractions`` is set.
         select: overrides the method's target selection (``interval`` | ``topk`` | ``turbo``).
         merge: overrides the method's merge (``igm`` | ``prune`` | ``mean`` | ``igm_pos`` | ``igm_neg``).
         theta: cosine threshold for positive (merged) tokens in ``igm``.
@@ -43,9 +57,24 @@ class LibraConfig:
         enabled: False makes the model behave exactly as without the plug-in.
         unit: what is compressed as one span: ``sample`` (all visual tokens of a sample together), ``image``
             (each image or video its own span: own intervals, targets, temperature and compensation token at its
-            end) or ``frame`` (also each video frame). None: the model family's default, fixed by ``apply_libra``
-            (and then saved with the config, so inference applies what training used). A config saved before
-            this field existed meant ``sample``.
+            end) or ``frame`` (each image, and each video frame, its own span). None: the model family's default,
+            fixed by ``apply_libra`` (and then saved with the config, so inference applies what training used):
+            ``image`` for LLaVA-1.5 / LLaVA-NeXT and text models (the paper's single image is one unit either
+            way), ``frame`` for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision (video: every frame keeps its
+            own intervals). How each family's units are found: ``libra_train.plugin.units``. A config saved
+            before this field existed meant ``sample``.
+        importance: where the importance comes from: ``layer`` (the attention of layer ``l`` itself, recorded
+            by the hybrid attention) or ``next_layer`` (PyramidDrop: layer ``l + 1``'s own ``input_layernorm``,
+            ``q_proj`` / ``k_proj`` (and ``q_norm`` / ``k_norm`` where it has them) and rotary embedding applied
+            to layer ``l``'s output, computed before layer ``l + 1`` runs). None: the method's.
+        positions: ``original`` (every surviving token keeps its RoPE position) or ``renumber`` (PyramidDrop:
+            the layers after a point see positions ``0..L'-1`` of the compressed sequence, decode steps
+            continue from there; 1-D RoPE only, refused for M-RoPE models). None: the method's.
+        keep_fractions: keep ``max(1, floor(N0 * f_k))`` visual tokens of each unit's ORIGINAL count ``N0`` at
+            point ``k`` (PyramidDrop's ``image_token_ratio_list``, floored as it does; non-increasing, each in
+            ``(0, 1]``), instead of the chained ``ratio`` rule. Give the list itself, not a lambda:
+            ``int(125 * 0.6**3) = 26`` but ``int(125 * 0.216) = 27``. None: the ``ratio`` rule, except for
+            ``method="pdrop"``: ``[0.5, 0.25, 0.125, ...][:len(layers)]`` (lambda = 0.5, its scripts' setting).
 
     Fixed by the spec and therefore not fields: ``tau = mean(alpha)`` over the visual span of the point; a
     merged target keeps its target's position, a compensation token takes the last position of the visual span
@@ -62,6 +91,9 @@ class LibraConfig:
     query: str = "answer_starts"
     enabled: bool = True
     unit: str | None = None
+    importance: str | None = None
+    positions: str | None = None
+    keep_fractions: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_PRESETS:
@@ -95,6 +127,30 @@ class LibraConfig:
             raise ValueError(
                 f"LibraConfig.unit={self.unit!r} is not one of {UNITS} (or None: the family's default)"
             )
+        if self.importance is not None and self.importance not in IMPORTANCE_SOURCES:
+            raise ValueError(
+                f"LibraConfig.importance={self.importance!r} is not one of {IMPORTANCE_SOURCES} (or None: the "
+                "method's)"
+            )
+        if self.positions is not None and self.positions not in POSITION_RULES:
+            raise ValueError(
+                f"LibraConfig.positions={self.positions!r} is not one of {POSITION_RULES} (or None: the method's)"
+            )
+        if self.keep_fractions is not None:
+            self.keep_fractions = [float(f) for f in self.keep_fractions]
+            fractions = self.keep_fractions
+            if len(fractions) != len(self.layers):
+                raise ValueError(
+                    f"LibraConfig.keep_fractions has {len(fractions)} values for {len(self.layers)} layers "
+                    f"{self.layers}: give one kept fraction of the original visual count per point"
+                )
+            if any(not 0.0 < f <= 1.0 for f in fractions) or any(
+                b > a for a, b in zip(fractions, fractions[1:])
+            ):
+                raise ValueError(
+                    f"LibraConfig.keep_fractions={fractions}: each must be in (0, 1] and none larger than the one "
+                    "before (they are fractions of the ORIGINAL count, e.g. [0.5, 0.25, 0.125])"
+                )
 
     @property
     def ratios(self) -> list[float]:
@@ -103,13 +159,36 @@ class LibraConfig:
             return [float(r) for r in self.ratio]
         return [float(self.ratio)] * len(self.layers)
 
+    def _switch(self, name: str) -> str:
+        value = getattr(self, name)
+        return (
+            value if value is not None else METHOD_PRESETS[self.method].get(name, SWITCH_DEFAULTS.get(name))
+        )
+
     @property
     def select_method(self) -> str:
-        return self.select or METHOD_PRESETS[self.method][0]
+        return self._switch("select")
 
     @property
     def merge_method(self) -> str:
-        return self.merge or METHOD_PRESETS[self.method][1]
+        return self._switch("merge")
+
+    @property
+    def importance_source(self) -> str:
+        return self._switch("importance")
+
+    @property
+    def position_rule(self) -> str:
+        return self._switch("positions")
+
+    @property
+    def kept_fractions(self) -> list[float] | None:
+        """The kept fraction of the original visual count at each point, or None for the ``ratio`` rule."""
+        if self.keep_fractions is not None:
+            return list(self.keep_fractions)
+        if self.method == "pdrop":
+            return [PDROP_LAMBDA**k for k in range(1, len(self.layers) + 1)]
+        return None
 
     def check_num_layers(self, num_layers: int) -> None:
         """Raise if a compression point does not leave at least one layer after it."""

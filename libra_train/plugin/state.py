@@ -29,8 +29,9 @@ from transformers.masking_utils import create_causal_mask
 
 from libra_train.compress.stage import HostLayout, StagePlan, compress_sequence, unit_counts
 from libra_train.compress.types import to_host
-from libra_train.plugin.attention import query_attention
+from libra_train.plugin.attention import gather_positions, next_layer_importance, query_attention
 from libra_train.plugin.config import LibraConfig
+from libra_train.plugin.units import UnitSource
 
 IGNORE_INDEX = -100
 CACHE_ATTR = "_libra_stages"
@@ -115,6 +116,7 @@ class CachedStage:
     start_layer: int
     valid: torch.Tensor  # [B, L'] the stage's padding mask at the end of the prefill
     prefill_length: int  # L of the uncompressed prefill
+    removed: torch.Tensor | None = None  # [B] real tokens removed before this stage (positions="renumber")
 
 
 def query_starts(
@@ -154,17 +156,6 @@ def packed_indices(flags: torch.Tensor, width: int) -> tuple[torch.Tensor, torch
     return order, torch.arange(width, device=flags.device) < flags.sum(1, keepdim=True)
 
 
-def gather_positions(t: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """Gather rotary ``cos``/``sin`` along the sequence: ``[B|1, L, d]`` or M-RoPE ``[k, B|1, L, d]``."""
-    seq_dim = t.ndim - 2
-    bsz, new_len = source.shape
-    shape = list(t.shape)
-    shape[seq_dim - 1] = bsz
-    t = t.expand(shape)
-    index = source.view(*([1] * (t.ndim - 3)), bsz, new_len, 1).expand(*shape[:seq_dim], new_len, shape[-1])
-    return t.gather(seq_dim, index)
-
-
 def begin_prefill(
     config: LibraConfig,
     points: dict[int, float],
@@ -173,20 +164,23 @@ def begin_prefill(
     valid: torch.Tensor,
     labels: torch.Tensor | None,
     span: SpanOverride | None,
-    units: torch.Tensor | None = None,
+    units: UnitSource | None = None,
+    rotary: torch.nn.Module | None = None,
 ) -> ForwardState | None:
     """The state of a prefill/training forward, or None when no sample has a visual token to compress.
 
     This is the forward's one host read: per sample the visual, query and real token counts, whether the last
-    position is real (left padding) and, with several units per sample, the last unit id, from which every
-    later shape follows (a second read then fetches the per-unit counts).
+    position is real (left padding) and, with several units per sample, the last unit id known at the entry,
+    from which every later shape follows (with units, a second read at the first compression fetches the
+    tokens per unit, once the multimodal model has recorded its feature counts).
 
     Args:
         visual: ``[B, L]`` bool, the visual positions.
         valid: ``[B, L]`` bool, the 2-D padding mask.
         labels: ``[B, L]`` labels (training query rule) or None (inference: the last real token).
         span: a ``visual_span`` override holding explicit query positions, if any.
-        units: ``[B, L]`` long, the compression unit of each visual position, or None (one per sample).
+        units: where the compression units come from, or None (one per sample).
+        rotary: the decoder's rotary embedding module (``positions="renumber"`` recomputes the phases).
     """
     bsz, length = visual.shape
     if span is not None and span.query_index is not None:  # pinned queries: every sample has them
@@ -198,15 +192,12 @@ def begin_prefill(
         starts = query_starts(labels, valid, visual, config.query)
         n_query = starts.sum(1)
         visual = visual & valid & (n_query > 0)[:, None]  # no query after the image: not compressed
-    last_unit = units.masked_fill(~visual, -1).max(1).values if units is not None else n_query * 0
+    entry_units = units.entry_units if units is not None else None
+    last_unit = entry_units.masked_fill(~visual, -1).max(1).values if units is not None else n_query * 0
     counts = torch.stack([visual.sum(1), n_query, valid.sum(1), valid[:, -1].long(), last_unit])  # [5, B]
     n_visual, n_queries, n_valid, last_real, last_units = to_host(counts)
     if not any(n_visual):
         return None
-    if units is None:
-        per_unit = tuple((n,) for n in n_visual)
-    else:  # the second read: tokens per unit, [B, U]
-        per_unit = tuple(map(tuple, to_host(unit_counts(visual, units, max(last_units) + 1))))
     if starts is not None:
         query_index, query_mask = packed_indices(starts, max(1, max(n_queries)))
     else:
@@ -220,13 +211,15 @@ def begin_prefill(
         visual=visual,
         valid=valid,
         occupied=valid,
-        units=units,
-        layout=HostLayout(per_unit, tuple(n_valid)),
+        unit_source=units,
+        unit_bound=max(last_units) + 1,
+        layout=HostLayout(tuple((n,) for n in n_visual), tuple(n_valid)),
         query_index=query_index,
         query_mask=query_mask,
         position_map=position_map,
         pad_left=all(last_real),
         prefill_length=length,
+        rotary=rotary,
         kept_per_stage=[visual.sum(1)],
         tokens_per_stage=[valid.sum(1)],
         widths=[length],
@@ -250,7 +243,18 @@ class ForwardState:
     )  # [B, L] original position of each current token (-1: compensation/padding)
     occupied: torch.Tensor | None = None  # [B, L] real tokens + reserved compensation slots (the row layout)
     units: torch.Tensor | None = None  # [B, L] compression unit of each visual token (None: one per sample)
-    layout: HostLayout | None = None  # the host's per-sample counts of the current stage
+    unit_source: UnitSource | None = (
+        None  # where the units come from, until the first compression resolves them
+    )
+    unit_bound: int = 1  # the most units a sample has at the entry (host)
+    layout: HostLayout | None = (
+        None  # the host's per-sample (per-unit, once resolved) counts of the current stage
+    )
+    original: tuple[HostLayout, torch.Tensor] | None = (
+        None  # layout and [B, U] unit counts at the first point
+    )
+    rotary: torch.nn.Module | None = None  # the decoder's rotary embedding (positions="renumber")
+    position_base: torch.Tensor | None = None  # [B] position id of each sample's first real token (renumber)
     pad_left: bool = False
     decode_stages: list[CachedStage] | None = None  # set in decode steps
     importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] alpha
@@ -263,7 +267,9 @@ class ForwardState:
     position_maps: list[torch.Tensor] = field(default_factory=list)  # [B, L_k] position map of each stage
     compressed: bool = False
     prefill_length: int = 0  # L of the uncompressed sequence
-    decode_masks: dict[int, object] = field(default_factory=dict)  # stage start layer -> 4-D mask (decode)
+    decode_masks: dict[int, dict] = field(
+        default_factory=dict
+    )  # stage start layer -> decode kwargs (mask, ...)
 
     # -- prefill / training -------------------------------------------------------------------------------
     def has_visual(self) -> bool:
@@ -273,6 +279,7 @@ class ForwardState:
     def wants_importance(self, layer_idx: int | None) -> bool:
         return (
             self.decode_stages is None
+            and self.config.importance_source == "layer"
             and layer_idx in self.points
             and layer_idx not in self.importance
             and self.has_visual()
@@ -290,17 +297,37 @@ class ForwardState:
             query, key, scaling, self.query_index, self.query_mask, self.valid
         )
 
-    def compress(self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
-        """Compress the output of layer ``layer_idx - 1`` before layer ``layer_idx``; return the new hidden."""
+    def compress(
+        self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict, layer: torch.nn.Module | None = None
+    ) -> torch.Tensor:
+        """Compress the output of layer ``layer_idx - 1`` before ``layer`` (layer ``layer_idx``) runs; return the
+        new hidden states."""
         point = layer_idx - 1
-        if self.points[point] == 0.0:  # nothing removed: keep the layout (and padding rows) untouched
-            self._record_stage(self.kept_per_stage[-1], hidden.shape[1])
+        stage = self.config.layers.index(point)
+        fractions = self.config.kept_fractions
+        if (self.points[point] == 0.0) if fractions is None else (fractions[stage] == 1.0):
+            self._record_stage(self.kept_per_stage[-1], hidden.shape[1])  # nothing removed: layout untouched
             return hidden
-        alpha = self.importance.get(point)
+        if self.unit_source is not None:
+            self._resolve_units()
+        if self.original is None:  # the counts every fraction of `keep_fractions` is taken of
+            self.original = (self.layout, unit_counts(self.visual, self.units, self.layout.num_units))
+        old_embeddings = self.overrides.get("position_embeddings", layer_kwargs["position_embeddings"])
+        if self.config.importance_source == "next_layer":
+            alpha = next_layer_importance(
+                layer, hidden, old_embeddings, self.query_index, self.query_mask, self.valid
+            )
+        else:
+            alpha = self.importance.get(point)
         if alpha is None:
             raise RuntimeError(
                 f"Libra: no importance was recorded at layer {point}: is the hybrid attention set?"
             )
+        targets = (
+            None
+            if fractions is None
+            else self.original[0].kept_of_original(fractions[stage], self.original[1])
+        )
         plan: StagePlan = compress_sequence(
             hidden,
             self.visual,
@@ -315,9 +342,8 @@ class ForwardState:
             occupied=self.occupied,
             units=self.units,
             layout=self.layout,
+            targets=targets,
         )
-        old_embeddings = self.overrides.get("position_embeddings", layer_kwargs["position_embeddings"])
-        cos, sin = old_embeddings
         bsz, new_len = plan.valid.shape
         position_ids = torch.arange(new_len, device=hidden.device).expand(bsz, new_len)
         cache = given_cache(layer_kwargs)
@@ -333,8 +359,13 @@ class ForwardState:
         )
         # Original ids only feed the rotary embeddings; the mask and the layers see a contiguous range
         # (transformers 5 reads gaps in position_ids as packed sequences).
+        if self.config.position_rule == "renumber":
+            embeddings = self._renumbered(plan, layer_kwargs)
+        else:
+            cos, sin = old_embeddings
+            embeddings = (gather_positions(cos, plan.source), gather_positions(sin, plan.source))
         self.overrides = {
-            "position_embeddings": (gather_positions(cos, plan.source), gather_positions(sin, plan.source)),
+            "position_embeddings": embeddings,
             "attention_mask": mask,
             "position_ids": position_ids,
         }
@@ -355,8 +386,38 @@ class ForwardState:
             if stages is None:
                 stages = []
                 setattr(cache, CACHE_ATTR, stages)
-            stages.append(CachedStage(layer_idx, plan.valid, self.prefill_length))
+            removed = self.tokens_per_stage[0] - plan.valid.sum(1)
+            stages.append(CachedStage(layer_idx, plan.valid, self.prefill_length, removed))
         return plan.hidden
+
+    def _resolve_units(self) -> None:
+        """Cut the visual tokens into their units (the feature counts are recorded by now) and read the tokens
+        per unit: the forward's second and last host read."""
+        source, self.unit_source = self.unit_source, None
+        units, visual = source.resolve(self.visual)
+        bound = self.unit_bound + source.extra_units()  # the most units a sample can have
+        counts = to_host(unit_counts(visual, units, bound))  # [B, bound]
+        used = max([1] + [max((u + 1 for u, n in enumerate(row) if n), default=0) for row in counts])
+        self.units, self.visual = units, visual
+        self.layout = HostLayout(tuple(tuple(row[:used]) for row in counts), self.layout.occupied)
+
+    def _renumbered(self, plan: StagePlan, layer_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embeddings of the compressed sequence renumbered ``base, base + 1, ...`` per sample (padding and
+        unused slots: 0), ``base`` being the position id of the sample's first real token in the full sequence
+        (0 unless a left-padded forward was not given cumulative position ids), so that decode steps, lowered by
+        what each stage removed, continue exactly after the prefill."""
+        if self.position_base is None:  # the first point: the decoder's own position ids are still in place
+            valid0 = self.position_maps[0] >= 0
+            first = valid0.long().argmax(1)  # [B] index of the first real token
+            original = layer_kwargs.get("position_ids")
+            if original is None:
+                self.position_base = first
+            else:
+                original = original.expand(valid0.shape[0], -1)
+                self.position_base = original.gather(1, first[:, None]).squeeze(1)
+        positions = self.position_base[:, None] + plan.valid.long().cumsum(1) - 1
+        positions = positions.masked_fill(~plan.valid, 0)
+        return self.rotary(plan.hidden, positions)
 
     def _record_stage(self, kept: torch.Tensor, width: int) -> None:
         self.kept_per_stage.append(kept)
@@ -365,19 +426,21 @@ class ForwardState:
         self.position_maps.append(self.position_map)
 
     # -- decode ------------------------------------------------------------------------------------------
-    def decode_mask(self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict) -> tuple[bool, object]:
-        """``(in_a_stage, mask)``: the mask of a decode step for layer ``layer_idx``, if a stage covers it.
+    def decode_overrides(self, layer_idx: int, hidden: torch.Tensor, layer_kwargs: dict) -> dict | None:
+        """The layer kwargs a decode step substitutes for layer ``layer_idx``, or None if no stage covers it.
 
         The stage's cache holds its compressed prefill followed by the decoded tokens, so its 2-D padding mask
         is the stage's prefill mask followed by the part of the step's mask after the uncompressed prefill. The
         mask itself may be None (flash-attention without padding): that is the stage's mask, not "no stage".
+        With ``positions="renumber"`` the step's position is lowered by the tokens the stages removed, and its
+        rotary embedding recomputed.
         """
         stage = None
         for candidate in self.decode_stages:
             if candidate.start_layer <= layer_idx:
                 stage = candidate
         if stage is None:
-            return False, None
+            return None
         if stage.start_layer not in self.decode_masks:
             cache = given_cache(layer_kwargs)
             if self.valid is not None:  # the step's full 2-D mask: [B, L + decoded so far]
@@ -385,13 +448,30 @@ class ForwardState:
             else:
                 new = cache.get_seq_length(stage.start_layer) - stage.valid.shape[1] + hidden.shape[1]
                 tail = torch.ones((stage.valid.shape[0], new), dtype=torch.bool, device=stage.valid.device)
-            self.decode_masks[stage.start_layer] = create_causal_mask(  # positional cache: see compress()
-                self.text_config,
-                hidden,
-                torch.cat([stage.valid, tail.to(stage.valid.device)], dim=1),
-                cache,
-                position_ids=layer_kwargs.get("position_ids"),
-                layer_idx=stage.start_layer,
-                allow_is_causal_skip=False,
+            overrides = {
+                "attention_mask": create_causal_mask(  # positional cache: see compress()
+                    self.text_config,
+                    hidden,
+                    torch.cat([stage.valid, tail.to(stage.valid.device)], dim=1),
+                    cache,
+                    position_ids=layer_kwargs.get("position_ids"),
+                    layer_idx=stage.start_layer,
+                    allow_is_causal_skip=False,
+                )
+            }
+            if self.config.position_rule == "renumber":
+                overrides["position_embeddings"] = self.rotary(
+                    hidden, self._decode_positions(stage, layer_kwargs)
+                )
+            self.decode_masks[stage.start_layer] = overrides
+        return self.decode_masks[stage.start_layer]
+
+    def _decode_positions(self, stage: CachedStage, layer_kwargs: dict) -> torch.Tensor:
+        """``[B, q]`` position ids of a decode step in a renumbered stage: the step's own minus what was removed."""
+        position_ids = layer_kwargs.get("position_ids")
+        if position_ids is None:
+            raise RuntimeError(
+                'Libra: positions="renumber" needs the decode step\'s position_ids at the decoder layers, and this '
+                'model\'s decoder passes none; use positions="original" with it'
             )
-        return True, self.decode_masks[stage.start_layer]
+        return position_ids - stage.removed[:, None].to(position_ids.device)

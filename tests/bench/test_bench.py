@@ -129,6 +129,10 @@ def test_method_specs_one_full_row_and_one_row_per_ratio():
     assert specs[-1].config().layers == [7, 15, 23] and specs[1].config().merge_method == "prune"
     with pytest.raises(ValueError, match="at least 4 layers"):
         method_specs(["libra"], [0.5], 3)
+    (pdrop,) = method_specs(["pdrop"], [0.5, 0.8], 32)  # one row: its own fractions, not the ratios
+    assert (pdrop.points, pdrop.label) == ((7, 15, 23), "pdrop lambda=0.5")
+    config = pdrop.config()
+    assert (config.method, config.layers, config.kept_fractions) == ("pdrop", [7, 15, 23], [0.5, 0.25, 0.125])
 
 
 def test_schedule_from_run_by_hand():

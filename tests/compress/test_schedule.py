@@ -1,8 +1,10 @@
 """Token counts of compression schedules (pure Python, milliseconds)."""
 
 import pytest
+import torch
 
-from libra_train.compress.schedule import num_targets, token_schedule, visual_schedule
+from libra_train.compress.schedule import kept_of_original, num_targets, token_schedule, visual_schedule
+from libra_train.compress.stage import kept_of_original_device
 
 
 @pytest.mark.parametrize(
@@ -87,3 +89,19 @@ def test_validation(kwargs, match):
     args = {"num_layers": 32, "n_visual": 576, "points": [7, 15, 23], "ratios": 0.5} | kwargs
     with pytest.raises(ValueError, match=match):
         token_schedule(**args)
+
+
+def test_kept_of_original_is_a_floor_with_one_token_at_least():
+    assert [kept_of_original(125, f) for f in (0.6, 0.36, 0.216)] == [75, 45, 27]  # PyramidDrop's int(N0 * r)
+    assert kept_of_original(125, 0.6**3) == 26  # a power is not the typed decimal
+    assert (kept_of_original(0, 0.5), kept_of_original(1, 0.5), kept_of_original(7, 0.1)) == (0, 1, 1)
+    with pytest.raises(ValueError, match="2 keep fractions for 3"):
+        token_schedule(32, 576, [7, 15, 23], 0.5, keep_fractions=[0.5, 0.25])
+
+
+def test_kept_of_original_on_the_device_equals_the_host():
+    """The host sizes the tensors, the device selects: both must count the same for every N0 and fraction."""
+    n0 = torch.arange(0, 2000)
+    for fraction in (0.5, 0.25, 0.125, 0.6, 0.36, 0.216, 0.6**3, 1 / 3, 0.7, 0.9, 1.0):
+        device = kept_of_original_device(n0, fraction)
+        assert device.tolist() == [kept_of_original(n, fraction) for n in n0.tolist()], fraction

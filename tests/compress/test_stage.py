@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from libra_train.compress import compress_visual_tokens
 from libra_train.compress.stage import HostLayout, compress_sequence
+from tests.compress.unit_reference import expected_row
 
 D = 8
 
@@ -50,30 +50,6 @@ def _batch(samples, side="right"):
     return hidden, visual, valid, alpha, units
 
 
-def _expected_row(h, v, a, u, ratio, merge="igm"):
-    """The compressed sequence of one unpadded sample, unit by unit with the single-sample algorithm."""
-    out, source = [], []
-    n_units = int(u.max()) + 1 if v.any() else 0
-    last = {int(u[i]): i for i in range(len(u)) if v[i]}
-    for i in range(len(v)):
-        if not v[i]:
-            out.append(h[i])
-            source.append(i)
-            continue
-        unit = int(u[i])
-        idx = [j for j in range(len(v)) if v[j] and u[j] == unit]
-        res = compress_visual_tokens(h[idx], a[idx], ratio, merge=merge)
-        targets = [idx[t] for t in res.target_index.tolist()]
-        if i in targets:
-            out.append(res.tokens[targets.index(i)])
-            source.append(i)
-        if i == last[unit] and res.has_compensation:
-            out.append(res.tokens[-1])
-            source.append(i)
-    assert n_units == len(last)
-    return torch.stack(out), source
-
-
 @pytest.mark.parametrize("merge", ["igm", "igm_neg", "prune", "mean"])
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_each_unit_is_compressed_alone(merge, side):
@@ -91,7 +67,7 @@ def test_each_unit_is_compressed_alone(merge, side):
         hidden, visual, valid, alpha, 0.5, merge=merge, units=units, pad_left=side == "left"
     )
     for b, (h, v, a, u) in enumerate(samples):
-        tokens, source = _expected_row(h, v, a, u, 0.5, merge)
+        tokens, source, _ = expected_row(h, v, a, u, 0.5, merge)
         real = plan.valid[b]
         offset = valid.shape[1] - h.shape[0] if side == "left" else 0
         torch.testing.assert_close(plan.hidden[b][real], tokens, rtol=1e-5, atol=1e-5)

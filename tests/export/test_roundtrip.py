@@ -125,3 +125,15 @@ def test_export_casts_weights(checkpoint, tmp_path):
     model, _ = load(out)
     assert model.dtype == torch.bfloat16
     assert json.loads((out / "config.json").read_text())["text_config"]["dtype"] == "bfloat16"
+
+
+def test_card_of_a_pdrop_config_counts_fractions_of_the_original():
+    """PyramidDrop keeps ``int(N0 * f_k)`` of the original count at each point, not the chained ``ratio``."""
+    from libra_train.inference.card import model_card
+
+    config = AutoConfig.for_model("llama", num_hidden_layers=8, hidden_size=32, intermediate_size=64)
+    card = model_card(
+        "x", LibraConfig(method="pdrop", layers=[1, 3, 5]), config, recipe=None, lora="none", n_visual=100
+    )
+    assert "kept fractions [0.5, 0.25, 0.125]" in card
+    assert all(row in card for row in ("| 0-1 | 100 |", "| 2-3 | 50 |", "| 4-5 | 25 |", "| 6-7 | 12 |"))

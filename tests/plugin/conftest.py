@@ -144,6 +144,38 @@ def collate(samples: list[dict], side: str = "right") -> dict:
     return batch
 
 
+def assert_cached_generation_equals_uncached(model, batch: dict, new_tokens: int, extra_zeros=()):
+    """Greedy ``generate`` on a left-padded batch equals, step by step, the uncached forward of prompt + generated
+    tokens with the same compression decision (the query pinned to the prompt's last token); returns the output.
+
+    ``extra_zeros``: ``[B, L]`` inputs to extend with zeros for each generated token (``mm_token_type_ids``).
+    """
+    from libra_train.plugin import visual_span
+
+    model.generation_config.eos_token_id = None  # no early stop: every step is compared
+    length, bsz = batch["input_ids"].shape[1], batch["input_ids"].shape[0]
+    with torch.no_grad():
+        gen = model.generate(
+            **batch,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        steps = dict(batch)
+        for step in range(new_tokens):
+            with visual_span(None, query_index=torch.full((bsz,), length - 1)):
+                out = model(**steps, use_cache=False)
+            torch.testing.assert_close(gen.logits[step], out.logits[:, -1], rtol=1e-5, atol=1e-5)
+            token = gen.sequences[:, length + step : length + step + 1]
+            assert torch.equal(out.logits[:, -1].argmax(-1, keepdim=True), token)
+            steps["input_ids"] = torch.cat([steps["input_ids"], token], 1)
+            steps["attention_mask"] = torch.cat([steps["attention_mask"], torch.ones_like(token)], 1)
+            for key in extra_zeros:
+                steps[key] = torch.cat([steps[key], torch.zeros_like(token)], 1)
+    return gen
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     """Tiny models run fastest on one thread; several threads on a shared 2-core machine spin and stall."""

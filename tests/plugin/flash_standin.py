@@ -110,6 +110,34 @@ def pad_input(hidden_states, indices, batch, seqlen):
     return out.view(batch, seqlen, *hidden_states.shape[1:])
 
 
+def set_language_attention(model, name: str):
+    """Switch the LLM's attention backend after construction (a flash model cannot be built without a GPU)."""
+    decoder = model.model.language_model
+    for config in {id(m.config): m.config for m in decoder.modules() if hasattr(m, "config")}.values():
+        config._attn_implementation = name
+    return model
+
+
+def assert_flash_equals_sdpa(fa2, sdpa, batch: dict, labels: bool = True) -> None:
+    """``fa2`` (the LLM on the flash path) and ``sdpa`` (the same weights) on ``batch``: the compressed outputs
+    (position maps, masks, logits) and, with labels, the loss and every gradient agree."""
+    expected, got = sdpa(**batch), fa2(**batch)
+    assert CALLS["flash_attn_varlen_func"] > 0  # the padded batch went through unpad + varlen
+    assert got.logits.shape[1] < batch["input_ids"].shape[1]  # it compressed
+    assert torch.equal(got.libra_position_map, expected.libra_position_map)
+    assert torch.equal(got.libra_attention_mask, expected.libra_attention_mask)
+    real = got.libra_attention_mask
+    torch.testing.assert_close(got.logits[real], expected.logits[real], rtol=1e-5, atol=1e-5)
+    if not labels:
+        return
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-6, atol=1e-6)
+    expected.loss.backward()
+    got.loss.backward()
+    for (name, p), q in zip(sdpa.named_parameters(), fa2.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def install(monkeypatch) -> None:
     """Make ``import flash_attn`` give this stand-in and transformers believe flash-attn 2 is installed."""
     import transformers.modeling_flash_attention_utils as fa_utils

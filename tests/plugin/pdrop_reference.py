@@ -86,6 +86,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
+from tests.plugin.conftest import VOCAB, tiny_llama
+
 IGNORE_INDEX = -100
 
 
@@ -379,3 +381,31 @@ def pdrop_generate(
         step_logits.append(pdrop_decode_step(model, out, embeds, step, layers=layers, ratios=ratios))
         tokens.append(step_logits[-1].argmax(-1))
     return torch.stack(tokens, 1), step_logits, out
+
+
+def reference_batch(seed: int = 0, lengths=((3, 16, 9), (2, 16, 5), (4, 0, 7))):
+    """Right-padded ``inputs_embeds`` [B, L, 32], mask, labels, spans: (prefix, visual, suffix) per sample.
+
+    Text rows are the model's token embeddings, visual rows random features; labels supervise two answer spans
+    in the first sample's suffix and one in the others' (text-only samples included).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = tiny_llama()
+    length = max(sum(parts) for parts in lengths)
+    embeds = torch.zeros(len(lengths), length, 32)
+    mask = torch.zeros(len(lengths), length, dtype=torch.long)
+    labels = torch.full((len(lengths), length), IGNORE_INDEX)
+    spans = []
+    for b, (prefix, n0, suffix) in enumerate(lengths):
+        n = prefix + n0 + suffix
+        ids = torch.randint(4, VOCAB, (n,), generator=g)
+        with torch.no_grad():
+            embeds[b, :n] = model.get_input_embeddings()(ids)
+        embeds[b, prefix : prefix + n0] = torch.randn(n0, 32, generator=g)
+        mask[b, :n] = 1
+        answer = prefix + n0
+        labels[b, answer + 1 : answer + 3] = ids[answer + 1 : answer + 3]
+        if b == 0:
+            labels[b, n - 3 : n - 1] = ids[n - 3 : n - 1]
+        spans.append((prefix, n0) if n0 else None)
+    return embeds, mask, labels, spans

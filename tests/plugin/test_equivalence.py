@@ -120,6 +120,7 @@ def test_remove_restores_the_model(attn):
     assert [c._attn_implementation for c in configs] == impls
     assert libra_runtime(model) is None
     assert "forward" not in vars(model)
+    assert not {"forward", "get_image_features"} & set(vars(model.model))  # entry wrapper, feature recorder
     assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
     assert all(not hasattr(layer.self_attn, "_libra_runtime") for layer in model.model.language_model.layers)
     out = model(**batch)

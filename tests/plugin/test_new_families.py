@@ -5,8 +5,8 @@ The same equivalences as ``test_families.py`` / ``test_equivalence.py`` for each
 what it gets alone (inference left-padded, training right-padded with labels, loss sum-then-divide); cached greedy
 generation equals the uncached forward with the same compression decision; the recorded importance is the eager
 attention row of the unmodified model; gradient checkpointing changes nothing; compressed tokens keep their own
-M-RoPE phase. Tests that need plug-in changes are strict xfails naming what is missing (phase 2 of issue 14
-removes the marks). The families' internals are written down in ``family_models.py``.
+M-RoPE phase. The families' internals are written down in ``family_models.py``; the compression units of each
+family are tested in ``test_units.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from libra_train import LibraConfig, apply_libra
 from libra_train.plugin import libra_runtime, visual_span
 from libra_train.plugin.apply import find_decoder
 from libra_train.plugin.state import ForwardState
-from tests.plugin.conftest import IGNORE
+from tests.plugin import flash_standin
+from tests.plugin.conftest import IGNORE, assert_cached_generation_equals_uncached
 from tests.plugin.family_models import (
     DEEPSTACK_LAYERS,
     IMAGE,
@@ -38,6 +39,7 @@ from tests.plugin.family_models import (
     tiny_qwen2_vl,
     tiny_qwen3_vl,
 )
+from tests.plugin.flash_standin import assert_flash_equals_sdpa, set_language_attention
 
 CFG = LibraConfig(
     layers=[1, 3], ratio=0.5, theta=0.9
@@ -214,27 +216,7 @@ def test_cached_generation_equals_uncached_forward(name):
     model = case.build()
     batch = _no_labels(case.collate(case.samples(model), "left"))
     model = apply_libra(model, CFG)
-    model.generation_config.eos_token_id = None  # no early stop: every step is compared
-    length, new_tokens = batch["input_ids"].shape[1], 3
-    with torch.no_grad():
-        gen = model.generate(
-            **batch,
-            max_new_tokens=new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        steps = dict(batch)
-        for step in range(new_tokens):
-            with visual_span(None, query_index=torch.full((2,), length - 1)):
-                out = model(**steps, use_cache=False)
-            torch.testing.assert_close(gen.logits[step], out.logits[:, -1], rtol=1e-5, atol=1e-5)
-            token = gen.sequences[:, length + step : length + step + 1]
-            assert torch.equal(out.logits[:, -1].argmax(-1, keepdim=True), token)
-            steps["input_ids"] = torch.cat([steps["input_ids"], token], 1)
-            steps["attention_mask"] = torch.cat([steps["attention_mask"], torch.ones_like(token)], 1)
-            for key in case.extra_zeros:
-                steps[key] = torch.cat([steps[key], torch.zeros_like(token)], 1)
+    gen = assert_cached_generation_equals_uncached(model, batch, 3, extra_zeros=case.extra_zeros)
     cache = gen.past_key_values
     assert len(cache._libra_stages) == 2
     assert cache.get_seq_length(CFG.layers[0] + 1) < cache.get_seq_length(0)  # the compressed KV cache
@@ -349,27 +331,17 @@ def test_compressed_tokens_keep_their_mrope_phase(name):
 
 
 # -- Qwen3-VL's DeepStack ---------------------------------------------------------------------------------------
-@pytest.mark.xfail(
-    reason="issue 14 phase 2: a compression point before Qwen3-VL's last DeepStack layer is neither refused nor "
-    "carried; today the next DeepStack addition indexes the compressed hidden states with the full-length "
-    "visual_pos_masks and fails inside Qwen3VLTextModel._deepstack_process",
-    strict=True,
-    raises=(pytest.fail.Exception, AssertionError),
-)
-def test_qwen3_vl_point_before_the_last_deepstack_layer_is_refused():
+@pytest.mark.parametrize("layers", [[0, 3], [0]])
+def test_qwen3_vl_point_before_the_last_deepstack_layer_is_refused(layers):
+    """Such a point would break the forward inside ``Qwen3VLTextModel._deepstack_process`` (an IndexError: the
+    full-length ``visual_pos_masks`` indexes the compressed hidden states), so ``apply_libra`` refuses it, naming
+    the first allowed point, and leaves the model untouched."""
     model = tiny_qwen3_vl()
-    with pytest.raises(ValueError, match=rf"(?i)deepstack.*\b{DEEPSTACK_LAYERS - 1}\b"):
-        apply_libra(model, LibraConfig(layers=[0, 3], ratio=0.5))
-
-
-def test_qwen3_vl_point_before_the_last_deepstack_layer_fails_today():
-    """What the xfail above is about: the forward itself breaks (so the refusal must come at apply time)."""
-    case = CASES["qwen3_vl-image"]
-    model = case.build()
-    batch = _no_labels(case.collate(case.samples(model), "left"))
-    apply_libra(model, LibraConfig(layers=[0, 3], ratio=0.5))
-    with pytest.raises(IndexError, match="shape of the mask"), torch.no_grad():
-        model(**batch)  # in Qwen3VLTextModel._deepstack_process: full-length visual_pos_masks, short hidden
+    with pytest.raises(ValueError, match=rf"(?i)deepstack.*first allowed point is {DEEPSTACK_LAYERS - 1}\b"):
+        apply_libra(model, LibraConfig(layers=layers, ratio=0.5))
+    assert libra_runtime(model) is None
+    assert model.model.language_model.config._attn_implementation == "sdpa"
+    apply_libra(model, LibraConfig(layers=[DEEPSTACK_LAYERS - 1], ratio=0.5))  # the first allowed point
 
 
 def test_qwen3_vl_deepstack_features_reach_the_layers_before_the_point():
@@ -411,3 +383,35 @@ def test_decoding_after_compression_removed_all_padding():
         assert model(input_ids=ids, attention_mask=mask).libra_attention_mask.all()  # no padding left
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
     assert gen.shape == (2, 23)
+
+
+# -- flash-attention 2 (the CPU stand-in of its kernels) ------------------------------------------------------------
+FLASH_CASES = ["qwen2_5_vl-mixed", "onevision-image", "onevision-video"]
+
+
+@pytest.mark.parametrize("name", FLASH_CASES)
+@pytest.mark.parametrize(("side", "with_labels"), [("left", False), ("right", True)], ids=["infer", "train"])
+def test_compressed_flash_equals_sdpa(name, side, with_labels, monkeypatch):
+    """The language model on transformers' flash path (unpad, varlen kernel, pad back; M-RoPE cos/sin for
+    Qwen2.5-VL) gives what sdpa gives with the units of each family: maps, logits, loss and gradients."""
+    flash_standin.install(monkeypatch)
+    case = CASES[name]
+    sdpa = apply_libra(case.build(), CFG)
+    fa2 = apply_libra(set_language_attention(case.build(), "flash_attention_2"), CFG)
+    assert find_decoder(fa2).config._attn_implementation == "libra_flash_attention_2"
+    batch = case.collate(case.samples(sdpa), side, labels=with_labels)
+    assert_flash_equals_sdpa(fa2, sdpa, batch, labels=with_labels)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl-mixed", "onevision-video"])
+def test_flash_greedy_generation_equals_sdpa(name, monkeypatch):
+    flash_standin.install(monkeypatch)
+    case = CASES[name]
+    ids = {}
+    for backend in ("sdpa", "flash_attention_2"):
+        model = apply_libra(set_language_attention(case.build(), backend), CFG)
+        batch = _no_labels(case.collate(case.samples(model), "left"))
+        with torch.no_grad():
+            ids[backend] = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert torch.equal(ids["flash_attention_2"], ids["sdpa"])
+    assert flash_standin.CALLS["flash_attn_varlen_func"] > 0

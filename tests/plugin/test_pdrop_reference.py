@@ -16,13 +16,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.plugin.conftest import VOCAB, tiny_llama
+from tests.plugin.conftest import tiny_llama
 from tests.plugin.pdrop_reference import (
     IGNORE_INDEX,
     lambda_ratios,
     pdrop_forward,
     pdrop_generate,
     query_rows,
+    reference_batch,
     stage_counts,
     visual_scores,
 )
@@ -30,39 +31,11 @@ from tests.plugin.pdrop_reference import (
 LAYERS, RATIOS = [2, 4], [0.5, 0.25]
 
 
-def _batch(seed: int = 0, lengths=((3, 16, 9), (2, 16, 5), (4, 0, 7))):
-    """Right-padded ``inputs_embeds`` [B, L, 32], mask, labels, spans: (prefix, visual, suffix) per sample.
-
-    Text rows are the model's token embeddings, visual rows random features; labels supervise two answer spans
-    in the first sample's suffix and one in the others' (text-only samples included).
-    """
-    g = torch.Generator().manual_seed(seed)
-    model = tiny_llama()
-    length = max(sum(parts) for parts in lengths)
-    embeds = torch.zeros(len(lengths), length, 32)
-    mask = torch.zeros(len(lengths), length, dtype=torch.long)
-    labels = torch.full((len(lengths), length), IGNORE_INDEX)
-    spans = []
-    for b, (prefix, n0, suffix) in enumerate(lengths):
-        n = prefix + n0 + suffix
-        ids = torch.randint(4, VOCAB, (n,), generator=g)
-        with torch.no_grad():
-            embeds[b, :n] = model.get_input_embeddings()(ids)
-        embeds[b, prefix : prefix + n0] = torch.randn(n0, 32, generator=g)
-        mask[b, :n] = 1
-        answer = prefix + n0
-        labels[b, answer + 1 : answer + 3] = ids[answer + 1 : answer + 3]
-        if b == 0:
-            labels[b, n - 3 : n - 1] = ids[n - 3 : n - 1]
-        spans.append((prefix, n0) if n0 else None)
-    return embeds, mask, labels, spans
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "infer"])
 def test_keeping_everything_is_the_unmodified_model(attn, training):
     model = tiny_llama(attn)
-    embeds, mask, labels, spans = _batch()
+    embeds, mask, labels, spans = reference_batch()
     with torch.no_grad():
         expected = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         out = pdrop_forward(
@@ -79,7 +52,7 @@ def test_keeping_everything_is_the_unmodified_model(attn, training):
 def test_importance_is_the_next_layers_attention_row(training):
     """Facts 3-5: layer l+1's norm, q/k, rotary and softmax over all keys, heads averaged (GQA: 4 heads, 2 kv)."""
     model = tiny_llama("eager")
-    embeds, mask, labels, spans = _batch()
+    embeds, mask, labels, spans = reference_batch()
     n = int(mask[0].sum())
     start, n0 = spans[0]
     with torch.no_grad():
@@ -134,7 +107,7 @@ def test_query_rows():
 def test_stage_counts_are_floors_of_the_original_count(n0, ratios, expected):
     assert stage_counts(n0, ratios) == expected
     model = tiny_llama()
-    embeds, mask, _, _ = _batch(lengths=((3, n0, 5),))
+    embeds, mask, _, _ = reference_batch(lengths=((3, n0, 5),))
     layers = [1, 3, 5][: len(ratios)]
     with torch.no_grad():
         out = pdrop_forward(model, embeds, mask, [(3, n0)], layers=layers, ratios=ratios, training=False)
@@ -154,7 +127,7 @@ def test_lambda_ratios_are_powers():
 
 def test_labels_travel_with_their_tokens():
     model = tiny_llama().train()
-    embeds, mask, labels, spans = _batch()
+    embeds, mask, labels, spans = reference_batch()
     with torch.no_grad():
         out = pdrop_forward(model, embeds, mask, spans, labels, layers=LAYERS, ratios=RATIOS)
     for b, kept in enumerate(out.positions[-1]):
@@ -195,7 +168,7 @@ def _by_hand(model, embeds, kept: torch.Tensor, layer: int, renumber: bool):
 
 def test_layers_after_a_drop_see_renumbered_positions():
     model = tiny_llama("sdpa")
-    embeds, mask, _, spans = _batch(lengths=((3, 16, 6),))
+    embeds, mask, _, spans = reference_batch(lengths=((3, 16, 6),))
     with torch.no_grad():
         out = pdrop_forward(model, embeds, mask, spans, layers=[1], ratios=[0.5], training=False)
     kept = out.positions[1][0]
@@ -214,7 +187,7 @@ def test_cached_decoding_equals_the_uncached_forward(attn):
     token (``prompt_lengths``, the public code's ``prompt_len``), so it drops exactly what the prefill dropped.
     """
     model = tiny_llama(attn)
-    embeds, mask, _, spans = _batch(lengths=((3, 16, 5), (2, 16, 2)))
+    embeds, mask, _, spans = reference_batch(lengths=((3, 16, 5), (2, 16, 2)))
     new_tokens = 4
     tokens, step_logits, prefill = pdrop_generate(
         model, embeds, mask, spans, layers=LAYERS, ratios=RATIOS, max_new_tokens=new_tokens
@@ -245,7 +218,7 @@ def test_cached_decoding_equals_the_uncached_forward(attn):
 
 def test_bad_arguments_are_refused():
     model = tiny_llama()
-    embeds, mask, _, spans = _batch()
+    embeds, mask, _, spans = reference_batch()
     with pytest.raises(ValueError, match="one ratio each"):
         pdrop_forward(model, embeds, mask, spans, layers=[2, 4], ratios=[0.5])
     with pytest.raises(ValueError, match="right padding"):

@@ -25,6 +25,8 @@ CONFIGS = {
     "libra-comp": LibraConfig(layers=POINTS, ratio=[0.75, 0.5, 0.5], theta=0.95),
     "fastv": LibraConfig(method="fastv", layers=[2], ratio=0.5),
     "turbo": LibraConfig(method="turbo", layers=POINTS, ratio=0.5),
+    "pdrop": LibraConfig(method="pdrop", layers=POINTS),  # next-layer importance, renumbered positions
+    "sample": LibraConfig(layers=POINTS, ratio=0.5, unit="sample"),  # one unit per sample: one read
 }
 
 
@@ -62,13 +64,15 @@ def test_training_forward_and_backward_sync_budget(attn, method):
     points = len(CONFIGS[method].layers)
     extra = libra.total - plain.total
     assert extra <= 2 and extra <= 2 * points, (plain, libra)
+    assert extra == (1 if CONFIGS[method].unit == "sample" else 2), (plain, libra)  # the counts, the units
     with SyncCounter() as backward:
         out.loss.backward()
     assert backward.total == 0, backward
 
 
+@pytest.mark.parametrize("method", ["libra", "pdrop"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_decode_step_sync_budget(attn):
+def test_decode_step_sync_budget(attn, method):
     def prefill_and_step(model):
         batch = _batch("left", labels=False)
         cache = DynamicCache(config=model.config.text_config)
@@ -84,7 +88,7 @@ def test_decode_step_sync_budget(attn):
 
     model = tiny_llava(attn, num_hidden_layers=12)
     plain = prefill_and_step(model)
-    apply_libra(model, CONFIGS["libra"])
+    apply_libra(model, CONFIGS[method])
     libra = prefill_and_step(model)
     assert libra_runtime(model) is not None
     assert libra.total - plain.total <= 1, (plain, libra)
