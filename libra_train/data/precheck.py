@@ -27,6 +27,7 @@ Ranks share the cache: the training loop lets rank 0 build it while the others w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -34,6 +35,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,12 +117,26 @@ def config_key(encoder: Encoder) -> str:
     )
 
 
+@contextlib.contextmanager
+def _quiet(n_rows: int) -> Iterator[None]:
+    """datasets' progress bars off for small datasets (tests, the demo), restored afterwards."""
+    was_off = datasets.are_progress_bars_disabled()
+    if n_rows < PROGRESS_FROM:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off:
+            datasets.enable_progress_bars()
+
+
 def _publish(dataset: datasets.Dataset, final: Path) -> datasets.Dataset:
     """Save `dataset` to `final` atomically (temporary sibling, then rename) and return it memory-mapped."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        dataset.save_to_disk(str(tmp))
+        with _quiet(len(dataset)):
+            dataset.save_to_disk(str(tmp))
         try:
             os.replace(tmp, final)
         except OSError:  # another process published the same entry first: keep theirs (same content)
@@ -172,6 +188,36 @@ def _check_rows(batch: dict[str, list], encoder: Encoder, source: str) -> dict[s
     return out
 
 
+def _check_here(records: datasets.Dataset, encoder: Encoder, source: str) -> datasets.Dataset:
+    """The pre-check in this process (small files: no worker start-up), into memory."""
+    parts = []
+    quiet = len(records) < PROGRESS_FROM
+    with tqdm(total=len(records), desc="pre-check", unit="sample", disable=quiet) as bar:
+        for lo in range(0, len(records), BATCH_SIZE):
+            parts.append(_check_rows(records[lo : lo + BATCH_SIZE], encoder, source))
+            bar.update(len(parts[-1]["length"]))
+    columns = {k: [x for part in parts for x in part[k]] for k in CHECK_FEATURES}
+    return datasets.Dataset.from_dict(columns, features=CHECK_FEATURES)
+
+
+def _check_parallel(
+    records: datasets.Dataset, encoder: Encoder, source: str, procs: int, folder: str
+) -> datasets.Dataset:
+    """The pre-check with ``datasets.map`` over `procs` worker processes, written into `folder`."""
+    return records.map(
+        _check_rows,
+        fn_kwargs={"encoder": encoder, "source": source},
+        batched=True,
+        batch_size=BATCH_SIZE,
+        num_proc=procs,
+        remove_columns=records.column_names,
+        features=CHECK_FEATURES,
+        cache_file_name=os.path.join(folder, "check.arrow"),
+        new_fingerprint=_digest("precheck", time.time_ns(), os.getpid()),  # datasets' cache is not used
+        desc=f"pre-check ({procs} processes)",
+    )
+
+
 def precheck(
     records: datasets.Dataset,
     encoder: Encoder,
@@ -198,47 +244,20 @@ def precheck(
         return datasets.load_from_disk(str(final))
     procs = auto_num_proc(len(records), num_proc)
     start = time.perf_counter()
-    if procs == 1:  # in this process, without datasets.map's worker machinery
-        parts = []
-        with tqdm(
-            total=len(records), desc="pre-check", unit="sample", disable=len(records) < PROGRESS_FROM
-        ) as bar:
-            for lo in range(0, len(records), BATCH_SIZE):
-                parts.append(_check_rows(records[lo : lo + BATCH_SIZE], encoder, source))
-                bar.update(len(parts[-1]["length"]))
-        checks = datasets.Dataset.from_dict(
-            {k: [x for part in parts for x in part[k]] for k in CHECK_FEATURES}, features=CHECK_FEATURES
+    with tempfile.TemporaryDirectory(prefix="libra-precheck-") as tmp:
+        checks = (
+            _check_here(records, encoder, source)
+            if procs == 1
+            else _check_parallel(records, encoder, source, procs, tmp)
         )
-    else:
-        with tempfile.TemporaryDirectory(prefix="libra-precheck-") as tmp:
-            checks = records.map(
-                _check_rows,
-                fn_kwargs={"encoder": encoder, "source": source},
-                batched=True,
-                batch_size=BATCH_SIZE,
-                num_proc=procs,
-                remove_columns=records.column_names,
-                features=CHECK_FEATURES,
-                cache_file_name=os.path.join(tmp, "check.arrow"),
-                new_fingerprint=_digest(
-                    "precheck", time.time_ns(), os.getpid()
-                ),  # unused: the caching is ours
-                desc=f"pre-check ({procs} processes)",
-            )
-            # out of the temporary folder: into the cache, or into memory
-            checks = (
-                _publish(checks, final)
-                if final is not None
-                else datasets.Dataset.from_dict(
-                    {k: checks[k] for k in CHECK_FEATURES}, features=CHECK_FEATURES
-                )
-            )
-    if final is not None:
-        if procs == 1:
+        seconds = time.perf_counter() - start
+        if final is not None:
             checks = _publish(checks, final)
-        meta = {"source": str(source), "records": len(records), "num_proc": procs}
-        (final.parent / f"{final.name}.json").write_text(
-            json.dumps(meta | {"seconds": time.perf_counter() - start})
-        )
-    logger.info("%s: pre-check of %d records in %.1f s", source, len(records), time.perf_counter() - start)
+            meta = {"source": str(source), "records": len(records), "num_proc": procs, "seconds": seconds}
+            (final.parent / f"{final.name}.json").write_text(json.dumps(meta))
+        elif procs > 1:  # out of the temporary folder, into memory
+            checks = datasets.Dataset.from_dict(
+                {k: checks[k] for k in CHECK_FEATURES}, features=CHECK_FEATURES
+            )
+    logger.info("%s: pre-check of %d records in %.1f s (%d processes)", source, len(records), seconds, procs)
     return checks

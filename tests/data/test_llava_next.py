@@ -95,3 +95,28 @@ def test_llava_next_batch(tiny_next, tmp_path, write_records):
         singles = [model(**collate([it], 3)).loss for it in items]
     counts = [int((it["labels"] != IGNORE_INDEX).sum()) for it in items]
     assert torch.allclose(loss, sum(s * n for s, n in zip(singles, counts)) / sum(counts), atol=1e-5)
+
+
+def test_llava_next_vicuna_v1_splices_the_processors_image_runs(tiny_next, tmp_path, write_records):
+    # vicuna_v1 (LLaVA-NeXT-Vicuna's template) tokenizes the text between images itself and takes each image's
+    # tokens from the processor: the aspect-dependent counts, the pre-check and the chat_template path agree
+    # (the word-level tokenizer has no dummy prefix, so the two templates give the same ids here).
+    _, processor = tiny_next
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (32, 64), "blue").save(tmp_path / "tall.png")
+    q = "what colour is the shape at row 1 column 1 ?"
+    records = [
+        {"id": "two", "image": ["wide.png", "tall.png"],
+         "conversations": [{"from": "human", "value": f"<image>\n<image>\n{q}"}, {"from": "gpt", "value": "red"}]},
+        {"id": "one", "image": "tall.png",
+         "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": "blue"}]},
+    ]  # fmt: skip
+    path = write_records(tmp_path, records)
+    kw = dict(max_length=512, pad_to_square=False)
+    vicuna = build_dataset(path, processor, template="vicuna_v1", **kw)
+    jinja = build_dataset(path, processor, template="chat_template", **kw)
+    for i in range(2):
+        a, b = vicuna[i], jinja[i]
+        assert vicuna.lengths[i] == len(a["input_ids"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int((vicuna[0]["input_ids"] == 4).sum()) > int((vicuna[1]["input_ids"] == 4).sum())
