@@ -15,8 +15,11 @@
    llava-hf-style LLaVA-1.5 processor on the real Llama-2 tokenizer (tests/fixtures/llava15.py), first with an
    empty cache ("first start"), then again in fresh processes with the cache in place ("later start", what a
    resume or a second run pays).
-3. Prints per rank the seconds and the peak resident memory (ru_maxrss of the rank, and of its pre-check
-   worker processes), the per-core pre-check rate, and the machine's load average; ``--json`` keeps them.
+3. Prints per rank the wall seconds, the CPU seconds (its own and its pre-check workers') and the peak resident
+   memory (ru_maxrss of the rank, and of its pre-check workers), the load average, and the pre-check's rate per
+   CPU-second. CPU time does not grow when other jobs share the machine (wall time does), so the first start on
+   N idle cores is projected as rank 0's own CPU time (reading the JSON, writing the cache: serial) plus its
+   workers' CPU time / N (the pre-check: parallel); ``--json`` keeps everything.
 """
 
 from __future__ import annotations
@@ -271,6 +274,12 @@ def generate(workdir: Path, n_records: int, n_images: int, seed: int = 0) -> Pat
     return path
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(user + system) CPU seconds of this process and of its finished children (the pre-check workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, data: Path, out: Path) -> None:
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
@@ -295,17 +304,21 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, data: Path
     env = DistEnv(rank, rank, world, torch.device("cpu"))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     torch_dist.barrier()
+    cpu0 = _cpu_seconds()
     start = time.perf_counter()
     dataset = batches.load_split(cfg, d.train, processor, env)
     loaded = time.perf_counter() - start
     train = batches.build_train_data(cfg, dataset, processor, env, accumulation=1)
     seconds = time.perf_counter() - start
+    cpu_self, cpu_workers = (b - a for a, b in zip(cpu0, _cpu_seconds()))
     result = {
         "rank": rank,
         "seconds": seconds,
         "dataset_seconds": loaded,
         "samples": len(dataset),
         "steps_per_epoch": train.steps_per_epoch,
+        "cpu_seconds": cpu_self,
+        "worker_cpu_seconds": cpu_workers,
         "rss_before_mib": base_rss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
         "peak_worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10,
@@ -350,24 +363,29 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(args.later):
         phases[f"later start {k + 1}" if args.later > 1 else "later start"] = run_phase(args, data)
     load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else ["?"] * 3
-    meta = next(args.cache_dir.glob("*/check-*.json"), None)
-    check_s = json.loads(meta.read_text())["seconds"] if meta else float("nan")
     print(f"\n{args.records} records ({data.stat().st_size / 2**20:.0f} MiB), {args.ranks} rank(s), "
           f"pre-check with {procs} process(es) on {available_cores()} core(s); load average {' '.join(load)}")  # fmt: skip
-    print(
-        "| phase | rank | start-up (s) | dataset (s) | peak RSS (MiB) | RSS before (MiB) | peak worker RSS (MiB) |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    print("| phase | rank | start-up (s) | CPU (s) | workers' CPU (s) | peak RSS (MiB) | RSS before (MiB) "
+          "| peak worker RSS (MiB) |\n|---|---|---|---|---|---|---|---|")  # fmt: skip
     for name, ranks in phases.items():
         for r in ranks:
-            print(f"| {name} | {r['rank']} | {r['seconds']:.1f} | {r['dataset_seconds']:.1f} | "
-                  f"{r['peak_rss_mib']:.0f} | {r['rss_before_mib']:.0f} | {r['peak_worker_rss_mib']:.0f} |")  # fmt: skip
-    rate = args.records / check_s / procs
-    print(f"pre-check alone: {check_s:.1f} s = {rate:.0f} records/s per process "
-          f"({args.records / rate / 8:.0f} s for {args.records} records on 8 processes at that rate)")  # fmt: skip
+            print(f"| {name} | {r['rank']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | "
+                  f"{r['worker_cpu_seconds']:.1f} | {r['peak_rss_mib']:.0f} | {r['rss_before_mib']:.0f} | "
+                  f"{r['peak_worker_rss_mib']:.0f} |")  # fmt: skip
+    # CPU time does not depend on how busy the machine is (wall time does): the first start's serial part is
+    # rank 0's own CPU time (reading the JSON, writing the cache), its parallel part the workers' CPU time.
+    first = phases["first start"][0]
+    rate, projection = float("nan"), {}
+    if procs > 1:  # the workers did the pre-check, rank 0 the rest
+        serial, parallel = first["cpu_seconds"], first["worker_cpu_seconds"]
+        rate = args.records / parallel
+        projection = {n: serial + parallel / n for n in (2, 8)}
+        print(f"pre-check: {rate:.0f} records per CPU-second; first start projected from CPU time on idle cores: "
+              + ", ".join(f"{n} cores {t:.0f} s" for n, t in projection.items()))  # fmt: skip
     if args.json:
         result = {"records": args.records, "ranks": args.ranks, "num_proc": procs, "cores": available_cores(),
-                  "loadavg": load, "precheck_seconds": check_s, "phases": phases}  # fmt: skip
+                  "loadavg": load, "records_per_cpu_second": rate, "projected_first_start_s": projection,
+                  "phases": phases}  # fmt: skip
         args.json.write_text(json.dumps(result, indent=1))
     return 0
 

@@ -258,7 +258,9 @@ class Encoder:
         first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), None)
         return self._verdict(record, len(ids), images[-1] + 1 if images else 0, first)
 
-    def _measure(self, ids: list[int], offsets: Offsets, spans: list[tuple[int, int]], counts: list[int]):
+    def _measure(
+        self, ids: list[int], offsets: Offsets, spans: list[tuple[int, int]], counts: list[int]
+    ) -> tuple[int, int, int | None]:
         """`_verdict`'s numbers for unexpanded ids, without building the expanded sequence (the pre-check's
         hot path): ``(length, image_end, first_label)``, as `_finish` would find them after the expansion.
 
@@ -267,7 +269,7 @@ class Encoder:
         """
         extra = sum(counts) - len(counts)
         image_end, first_label, seen = 0, None, 0
-        if counts:
+        if counts and self.image_token_id in ids:
             last = len(ids) - 1 - ids[::-1].index(self.image_token_id)
             image_end = last + 1 + extra
         for i, (s, e) in enumerate(offsets):  # stops at the first trained token (the first answer)

@@ -24,6 +24,7 @@ counted).
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -221,7 +222,7 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
         DataError: a JSON array file that is not valid JSON (one paragraph naming the file, line and column).
     """
     text = _read_text(path)
-    if path.suffix != ".jsonl" and text.lstrip().startswith("["):
+    if path.suffix != ".jsonl" and re.match(r"\s*\[", text):
         try:
             records = json.loads(text)
         except json.JSONDecodeError as err:
@@ -230,6 +231,7 @@ def iter_json_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 "the same position); a .jsonl file (one record per line) lets data.skip_bad_samples=true skip "
                 "a broken record instead"
             ) from None
+        del text  # the file's text: as large as the file, no longer needed while the records are used
         yield from ((0, raw) for raw in records)
         return
     for line_no, line in enumerate(text.splitlines(), 1):
