@@ -208,7 +208,7 @@ def build_dataset(
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     image_folder = Path(path).parent if image_folder is None else image_folder
-    encoder = Encoder(processor, template, max_length, image_folder, pad_to_square)
+    encoder = Encoder(processor, template, max_length, image_folder, pad_to_square, purpose)
     records = load_cached_records(path, cache_dir, purpose)
     checks = (
         check_records(records, encoder, source=str(path), cache_dir=cache_dir, num_proc=num_proc)

@@ -37,7 +37,11 @@ IGNORE_INDEX = -100
 # Per-token keys the processor may return besides input_ids / attention_mask (Qwen2-VL: mm_token_type_ids).
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 DROP_KEYS = ("offset_mapping", "text_replacement_offsets")
-SKIP_HINT = "or set data.skip_bad_samples=true to leave it out"
+# What a message suggests, by purpose: training runs can skip bad samples; generation / evaluation cannot.
+HINTS = {
+    "training": {"skip": "or set data.skip_bad_samples=true to leave it out", "folder": "data.image_folder"},
+    "evaluation": {"skip": "or leave the sample out of the evaluation", "folder": "the image folder"},
+}
 
 Offsets = list[tuple[int, int]]
 
@@ -145,6 +149,7 @@ class Encoder:
         max_length: longest sequence, visual tokens included.
         image_folder: folder that relative image paths are resolved against.
         pad_to_square: pad images to squares first (LLaVA-1.5's "pad"); None = only for ``vicuna_v1``.
+        purpose: ``training`` or ``evaluation``: what the error messages suggest.
     """
 
     def __init__(
@@ -154,8 +159,10 @@ class Encoder:
         max_length: int,
         image_folder: str | os.PathLike | None = None,
         pad_to_square: bool | None = None,
+        purpose: str = "training",
     ):
         self.processor = processor
+        self.hints = HINTS[purpose]
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.template = template
         self.max_length = max_length
@@ -183,7 +190,8 @@ class Encoder:
             raise DataError(
                 record.id,
                 "missing_image",
-                f"image file {full} not found; check data.image_folder and the path in the record, {SKIP_HINT}",
+                f"image file {full} not found; check {self.hints['folder']} and the path in the record, "
+                + self.hints["skip"],
                 record.source,
             )
         return full
@@ -202,7 +210,7 @@ class Encoder:
             raise DataError(
                 record.id,
                 "unreadable_image",
-                f"cannot decode image {full} ({type(err).__name__}: {err}); replace the file, {SKIP_HINT}",
+                f"cannot decode image {full} ({type(err).__name__}: {err}); replace the file, {self.hints['skip']}",
                 record.source,
             ) from err
         return expand2square(image, self.background) if self.pad_to_square else image
@@ -215,7 +223,10 @@ class Encoder:
                 w, h = img.size
         except Exception as err:  # noqa: BLE001 (as in load_image)
             raise DataError(
-                record.id, "unreadable_image", f"cannot read image {full} ({err}); {SKIP_HINT}", record.source
+                record.id,
+                "unreadable_image",
+                f"cannot read image {full} ({err}); replace the file, {self.hints['skip']}",
+                record.source,
             ) from err
         return (max(w, h), max(w, h)) if self.pad_to_square else (h, w)
 
@@ -235,7 +246,7 @@ class Encoder:
                 "image_truncated",
                 f"{length} tokens with the image tokens expanded; max_length={self.max_length} would cut image "
                 "tokens (the model would then fail with an image features/tokens mismatch); raise "
-                f"data.max_length or shorten the sample, {SKIP_HINT}",
+                f"data.max_length or shorten the sample, {self.hints['skip']}",
                 record.source,
             )
         if first_label is None or first_label >= keep:
@@ -243,7 +254,7 @@ class Encoder:
             raise DataError(
                 record.id,
                 "no_labels",
-                f"no trained (assistant) token {why}; raise data.max_length or fix the sample, {SKIP_HINT}",
+                f"no trained (assistant) token {why}; raise data.max_length or fix the sample, {self.hints['skip']}",
                 record.source,
             )
         return keep

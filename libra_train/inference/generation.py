@@ -90,7 +90,9 @@ def build_inputs(
     Raises:
         libra_train.data.DataError: an image is missing or cannot be decoded (the message names the file).
     """
-    encoder = Encoder(processor, template, max_length=1 << 30, image_folder=image_folder)
+    encoder = Encoder(
+        processor, template, max_length=1 << 30, image_folder=image_folder, purpose="evaluation"
+    )
     prompts = []
     for query in queries:
         if not query.turns or query.turns[-1][0] != "user":

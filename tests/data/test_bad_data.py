@@ -115,3 +115,11 @@ def test_evaluation_speaks_of_evaluation(tmp_path, tiny, sample_dir):
     assert "evaluate" in str(info.value.problems[0]) and "train" not in str(info.value.problems[0])
     with pytest.raises(BadSamplesError, match="an answer to train on"):
         build_dataset(path, tiny[1])
+
+
+def test_generation_errors_do_not_suggest_training_keys(tiny, truncated, sample_dir):
+    from libra_train.inference.generation import Query, build_inputs
+
+    with pytest.raises(DataError, match="cannot decode image") as info:
+        build_inputs(tiny[1], [Query.single(Q, "cut.png", "q")], "vicuna_v1", sample_dir)
+    assert "evaluation" in str(info.value) and "data." not in str(info.value)
