@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_ALIASES = {
@@ -305,7 +306,10 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
         columns["index"].append(index)
         columns["reason"].append(reason)
         columns["error"].append(error)
-    return datasets.Dataset.from_dict(columns, features=FEATURES)
+    # Straight to Arrow: the columns hold plain strings, ints and lists of them, so `Dataset.from_dict`'s
+    # per-value feature encoding (2-3x slower on 665k records) has nothing to do.
+    table = pa.Table.from_pydict(columns, schema=FEATURES.arrow_schema)
+    return datasets.Dataset(table, info=datasets.DatasetInfo(features=FEATURES))
 
 
 def row_to_record(row: dict[str, Any], source: str = "") -> Record:
