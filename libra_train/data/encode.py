@@ -22,6 +22,7 @@ it is the pre-check `build_dataset` runs over the whole file (in parallel, cache
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -91,10 +92,7 @@ def tokenize_prompts(
         return []
     if not split_at_images or not image_token:
         enc = tokenizer(list(texts), return_offsets_mapping=True)
-        return [
-            (list(ids), [tuple(o) for o in offs])
-            for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])
-        ]
+        return [(list(ids), list(offs)) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     pieces = [text.split(image_token) for text in texts]
     first = tokenizer([p[0] for p in pieces], return_offsets_mapping=True)
@@ -102,7 +100,7 @@ def tokenize_prompts(
     rest = tokenizer(rest_text, add_special_tokens=False, return_offsets_mapping=True) if rest_text else None
     out, r = [], 0
     for k, parts in enumerate(pieces):
-        ids, offsets = list(first["input_ids"][k]), [tuple(o) for o in first["offset_mapping"][k]]
+        ids, offsets = list(first["input_ids"][k]), list(first["offset_mapping"][k])
         pos = len(parts[0])
         for part in parts[1:]:
             ids.append(image_id)
@@ -279,14 +277,20 @@ class Encoder:
         stands once or expanded to ``counts[k]`` copies.
         """
         extra = sum(counts) - len(counts)
-        image_end, first_label, seen = 0, None, 0
+        image_end, first_label = 0, None
         if counts and self.image_token_id in ids:
             last = len(ids) - 1 - ids[::-1].index(self.image_token_id)
             image_end = last + 1 + extra
-        for i, (s, e) in enumerate(offsets):  # stops at the first trained token (the first answer)
-            if ids[i] == self.image_token_id and seen < len(counts):
-                seen += 1
-            elif e > s and any(a <= s < b for a, b in spans):
+        for a, b in spans:  # offsets start in text order: jump to the first token starting in the span
+            i = bisect.bisect_left(offsets, a, key=lambda o: o[0])
+            while (
+                i < len(offsets)
+                and offsets[i][0] < b
+                and (offsets[i][1] <= offsets[i][0] or ids[i] == self.image_token_id)
+            ):
+                i += 1  # empty tokens (BOS-like) and image tokens are never trained
+            if i < len(offsets) and offsets[i][0] < b:
+                seen = min(ids[:i].count(self.image_token_id), len(counts)) if counts else 0
                 first_label = i + sum(c - 1 for c in counts[:seen])
                 break
         return len(ids) + extra, image_end, first_label
