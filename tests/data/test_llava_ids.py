@@ -299,3 +299,29 @@ def test_chat_template_stays_the_processors(llava_dir):
         assert torch.equal(b["input_ids"][keep], a["input_ids"]) and torch.equal(
             b["labels"][keep], a["labels"]
         )
+
+
+def test_precheck_verdict_equals_encoding_at_every_cut(processor, llava_dir):
+    # The pre-check measures lengths, image ends and the first trained token without expanding the images;
+    # at max_length cuts around each of those points it must come to the verdict encoding comes to.
+    from libra_train.data import DataError
+    from libra_train.data.records import load_records, row_to_record
+
+    records = [row_to_record(r) for r in load_records(llava_dir / "llava.json")]
+    for record in records:
+        full = Encoder(processor, "vicuna_v1", 4096, llava_dir).encode(record)
+        n, labels = len(full["input_ids"]), full["labels"]
+        first = int((labels != IGNORE_INDEX).nonzero()[0])
+        images = (full["input_ids"] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
+        points = {n - 1, n, first, first + 1} | ({images[-1], images[-1] + 1} if images else set())
+        for cut in sorted(points):
+            encoder = Encoder(processor, "vicuna_v1", cut, llava_dir)
+
+            def verdict(fn, record=record, encoder=encoder):
+                try:
+                    out = fn(record)
+                    return out if isinstance(out, int) else len(out["input_ids"])
+                except DataError as err:
+                    return err.reason
+
+            assert verdict(encoder.check) == verdict(encoder.encode), (record.id, cut)
