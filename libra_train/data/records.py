@@ -170,9 +170,7 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
             "bad_roles", "turns must alternate user/assistant, starting with user (after one optional system)"
         )
     if not any(r == "assistant" for r, _ in chat):
-        missing = (
-            "the reference answer to evaluate against" if purpose == "evaluation" else "an answer to train on"
-        )
+        missing = "reference answer to evaluate against" if purpose == "evaluation" else "answer to train on"
         raise fail(
             "no_labels",
             f"no assistant turn, so no {missing}; add a 'gpt' / 'assistant' turn after the question",

@@ -113,7 +113,7 @@ def test_evaluation_speaks_of_evaluation(tmp_path, tiny, sample_dir):
     with pytest.raises(BadSamplesError) as info:
         build_dataset(path, tiny[1], purpose="evaluation")
     assert "evaluate" in str(info.value.problems[0]) and "train" not in str(info.value.problems[0])
-    with pytest.raises(BadSamplesError, match="an answer to train on"):
+    with pytest.raises(BadSamplesError, match="no answer to train on"):
         build_dataset(path, tiny[1])
 
 
