@@ -16,7 +16,8 @@
    empty cache ("first start"), then again in fresh processes with the cache in place ("later start", what a
    resume or a second run pays).
 3. Prints per rank the wall seconds, the CPU seconds (its own and its pre-check workers') and the peak resident
-   memory (ru_maxrss of the rank, and of its pre-check workers), the load average, and the pre-check's rate per
+   memory (VmHWM of the rank; for its pre-check workers the largest ru_maxrss, which for a forked worker also
+   counts the pages it shares with rank 0), the load average, and the pre-check's rate per
    CPU-second. CPU time does not grow when other jobs share the machine (wall time does), so the first start on
    N idle cores is projected as rank 0's own CPU time (reading the JSON, writing the cache: serial) plus its
    workers' CPU time / N (the pre-check: parallel); ``--json`` keeps everything.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import resource
@@ -33,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,6 +277,14 @@ def generate(workdir: Path, n_records: int, n_images: int, seed: int = 0) -> Pat
     return path
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss would carry a parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**10
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # not Linux
+
+
 def _cpu_seconds() -> tuple[float, float]:
     """(user + system) CPU seconds of this process and of its finished children (the pre-check workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -302,7 +313,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, data: Path
     d.cache_dir, d.num_proc, d.skip_bad_samples = str(args.cache_dir), args.num_proc, False
     cfg.train.micro_batch_size, cfg.train.global_batch_size = 16, 16 * world
     env = DistEnv(rank, rank, world, torch.device("cpu"))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    base_rss = _peak_rss_mib()
     torch_dist.barrier()
     cpu0 = _cpu_seconds()
     start = time.perf_counter()
@@ -320,7 +331,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, data: Path
         "cpu_seconds": cpu_self,
         "worker_cpu_seconds": cpu_workers,
         "rss_before_mib": base_rss,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        "peak_rss_mib": _peak_rss_mib(),
         "peak_worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**10,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
@@ -353,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.cache_dir = args.workdir / "cache"
-    data = generate(args.workdir, args.records, args.images)
+    # In a child process: the generator holds every record in memory, which this process should not keep.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        data = pool.submit(generate, args.workdir, args.records, args.images).result()
     shutil.rmtree(args.cache_dir, ignore_errors=True)
 
     from libra_train.data.precheck import auto_num_proc, available_cores

@@ -214,7 +214,7 @@ def _check_parallel(
         features=CHECK_FEATURES,
         cache_file_name=os.path.join(folder, "check.arrow"),
         new_fingerprint=_digest("precheck", time.time_ns(), os.getpid()),  # datasets' cache is not used
-        desc=f"pre-check ({procs} processes)",
+        desc="pre-check",  # datasets adds "(num_proc=N)"
     )
 
 
