@@ -49,8 +49,8 @@ def run(cfg: RecipeConfig, env: DistEnv) -> None:
     model = setup.prepare_model(model, cfg, libra)
 
     batches.prepare_demo_data(cfg, env)
-    train_set = batches.load_split(cfg, cfg.data.train, processor)
-    eval_set = batches.load_split(cfg, cfg.data.eval, processor) if cfg.data.eval else None
+    train_set = batches.load_split(cfg, cfg.data.train, processor, env)
+    eval_set = batches.load_split(cfg, cfg.data.eval, processor, env) if cfg.data.eval else None
     data = batches.build_train_data(cfg, train_set, processor, env, accumulation)
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * data.steps_per_epoch))
 
@@ -125,6 +125,8 @@ def run(cfg: RecipeConfig, env: DistEnv) -> None:
     if last_saved != state.step:
         final = checkpoint.save_checkpoint(engine, cfg, state, processor, libra, env)
     result = run_eval(state.step) if eval_set is not None else None
+    if cfg.data.skip_bad_samples:  # a collective: every rank gathers the run-time skips
+        logger.print(batches.skipped_summary(train_set, eval_set, True, data.skips.gathered()))
     logger.close()
     if env.is_main:
         tokens_per_s = stats.tokens / stats.seconds if stats.seconds else float("nan")

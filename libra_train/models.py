@@ -78,6 +78,31 @@ def build_tiny_tokenizer(extra_texts: tuple[str, ...] = ()) -> PreTrainedTokeniz
     return tokenizer
 
 
+def clip_llava_processor(
+    tokenizer: Any, image_size: int, patch_size: int, chat_template: str | None = None
+) -> LlavaProcessor:
+    """A LLaVA-1.5 processor as llava-hf's checkpoints configure it, on `tokenizer`, built locally.
+
+    CLIP preprocessing (resize the shortest edge to `image_size`, centre crop, OpenAI CLIP mean/std); one
+    ``<image>`` expands to (image_size / patch_size)^2 tokens: the processor counts the CLS token
+    (`num_additional_image_tokens=1`) and drops it again (`vision_feature_select_strategy="default"`).
+    """
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=chat_template,
+    )
+
+
 def build_tiny_llava(
     out_dir: str | os.PathLike | None = None,
     *,
@@ -117,20 +142,7 @@ def build_tiny_llava(
     vocab_size = vocab or len(tokenizer)
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab={vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)")
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=VICUNA_V1_JINJA,
-    )
+    processor = clip_llava_processor(tokenizer, image_size, patch_size, VICUNA_V1_JINJA)
     n_image_tokens = (image_size // patch_size) ** 2
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(

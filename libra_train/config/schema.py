@@ -64,12 +64,18 @@ class DataConfig:
         image_folder: directory the samples' ``image`` paths are relative to.
         template: ``vicuna_v1`` (LLaVA-1.5's conversation format) or ``chat_template`` (the processor's).
         max_length: token budget per sample, visual tokens included (before compression).
-        skip_bad_samples: skip unreadable/over-long samples instead of failing.
+        skip_bad_samples: leave out bad samples (found by the pre-check, or failing to load during training,
+            e.g. a damaged image) and count them, instead of failing with a message naming each.
         group_by_modality_length: batch image and text-only samples separately, by length (LLaVA's sampler).
         num_workers: DataLoader worker processes.
+        num_proc: processes of the pre-check of a data file (None = one per 5,000 records, at most one per
+            core; rank 0 runs it while the other ranks wait, then they load its result).
+        cache_dir: where the normalised records and the pre-check are cached, keyed by data file and
+            configuration, so that later starts and resumes skip them (None = ``<train.output_dir>/data_cache``;
+            give a shared folder to reuse it across runs).
         demo: keyword arguments of ``libra_train.data.demo.generate_demo_data``; when set, the data is
-            generated into ``<output_dir>/demo_data`` and ``train``/``eval`` point there (any value they
-            have is replaced).
+            generated into ``<output_dir>/demo_data`` and ``train``/``eval``/``image_folder`` point there
+            (setting them to anything else is an error: drop ``data.demo`` with ``~data.demo`` instead).
         eval_max_samples: evaluate on at most this many samples of ``eval`` (None = all).
     """
 
@@ -81,8 +87,17 @@ class DataConfig:
     skip_bad_samples: bool = False
     group_by_modality_length: bool = True
     num_workers: int = 2
+    num_proc: int | None = None
+    cache_dir: str | None = None
     demo: dict[str, Any] | None = None
     eval_max_samples: int | None = None
+
+
+def demo_data_paths(output_dir: str) -> dict[str, str]:
+    """Where ``data.demo`` puts the generated set: the values it gives ``data.train``, ``data.eval`` and
+    ``data.image_folder``."""
+    root = f"{output_dir.rstrip('/')}/demo_data"
+    return {"train": f"{root}/train.json", "eval": f"{root}/val.json", "image_folder": f"{root}/images"}
 
 
 @dataclass

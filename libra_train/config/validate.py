@@ -21,6 +21,7 @@ from libra_train.config.schema import (
     WANDB_MODES,
     RecipeConfig,
     TrainConfig,
+    demo_data_paths,
 )
 
 
@@ -73,6 +74,22 @@ def _check_model_data(cfg: RecipeConfig, errors: list[str]) -> None:
         )
     if d.train is None and d.demo is None:
         errors.append("set data.train (a LLaVA-format JSON file) or data.demo (generate the demo data)")
+    if d.demo is not None:
+        generated = demo_data_paths(cfg.train.output_dir)
+        for key, value in generated.items():
+            given = getattr(d, key)
+            if given is not None and given != value:
+                errors.append(
+                    f"data.{key}={given} is set, but data.demo generates the data and would replace it with "
+                    f"{value}; to use your own data drop the demo with ~data.demo (or drop data.{key})"
+                )
+    if m.tiny is not None and m.family != "llava":
+        errors.append(
+            f"model.family={m.family} is set, but model.tiny builds a tiny LLaVA-1.5 (family llava) whatever it "
+            "says; set model.path to a checkpoint of that family, or drop model.family"
+        )
+    if d.num_proc is not None and d.num_proc < 1:
+        errors.append(f"data.num_proc must be >= 1 or null (auto), got {d.num_proc}")
     _choice(errors, "data.template", d.template, TEMPLATES)
     _positive(errors, "data.max_length", d.max_length)
     _positive(errors, "data.eval_max_samples", d.eval_max_samples, allow_none=True)

@@ -28,7 +28,10 @@ def _pad_to(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def collate(
-    batch: Sequence[dict[str, torch.Tensor]], pad_token_id: int, pad_to_multiple_of: int | None = None
+    batch: Sequence[dict[str, torch.Tensor]],
+    pad_token_id: int,
+    pad_to_multiple_of: int | None = None,
+    padding_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """Stack samples from `SupervisedDataset` into a batch.
 
@@ -37,13 +40,16 @@ def collate(
             per-image tensors (``pixel_values[n_img_i, ...]``, ``image_sizes``, ``image_grid_thw``, ...).
         pad_token_id: id used to pad input_ids (labels are padded with -100, attention_mask with 0).
         pad_to_multiple_of: round the padded length up to a multiple of this (e.g. 8 for tensor cores).
+        padding_side: ``right`` (training) or ``left`` (generation prompts: every row ends at the last column).
 
     Returns:
-        ``input_ids[B, L]``, ``labels[B, L]``, ``attention_mask[B, L]`` (right padding), and each per-image
+        ``input_ids[B, L]``, ``labels[B, L]``, ``attention_mask[B, L]`` (padded on `padding_side`), each per-image
         key concatenated over the samples that have it: ``pixel_values[sum n_img_i, ...]``.
     """
     if not batch:
         raise ValueError("empty batch")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
     length = max(len(s["input_ids"]) for s in batch)
     if pad_to_multiple_of:
         length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
@@ -52,7 +58,11 @@ def collate(
     token_keys = {"input_ids": pad_token_id} | {k: v for k, v in TOKEN_PAD.items() if k in present}
     for key, value in token_keys.items():
         rows = [
-            F.pad(s[key], (0, length - len(s[key])), value=value)
+            F.pad(
+                s[key],
+                (0, length - len(s[key])) if padding_side == "right" else (length - len(s[key]), 0),
+                value=value,
+            )
             if key in s
             else torch.full((length,), value, dtype=s["input_ids"].dtype)  # a key only some samples have
             for s in batch

@@ -2,22 +2,29 @@
 
 Method (label boundaries stay exact whatever the tokenizer):
 1. `templates.render` gives the prompt text (one image token per image) and the character spans to train on.
-2. The processor is called on the whole prompt with the images: it expands each image token to the number
-   of visual tokens the model produces (LLaVA: (image_size/patch)^2; LLaVA-NeXT: depends on the aspect ratio;
-   Qwen2-VL: on the grid) and returns `text_replacement_offsets`; the spans are shifted through these
-   replacements into the expanded text.
-3. The tokenizer's offsets (`return_offsets_mapping`) say where each token starts: a token is trained iff it
-   starts inside a span; everything else (system, user turns, role names, image tokens, BOS) is -100.
-4. Truncation to `max_length` is checked here, not left to the model: a cut through image tokens, or a sample
+2. The text is tokenized with offsets (`tokenize_prompts`). ``vicuna_v1`` follows LLaVA's
+   `tokenizer_image_token`: the prompt is cut at each image token and every text piece is tokenized on its own
+   (see `templates` for the rule and why); ``chat_template`` tokenizes the prompt in one call, as the processor
+   does.
+3. The processor is called on the prompt with the images: it computes the pixel values and expands each image
+   token to the number of visual tokens the model produces (LLaVA: (image_size/patch)^2; LLaVA-NeXT: depends on
+   the aspect ratio; Qwen2-VL: on the grid). ``chat_template`` keeps the processor's ids as they are; for
+   ``vicuna_v1`` the processor's image-token runs are spliced between the separately tokenized text pieces.
+4. A token is trained iff it starts inside a span (its offset); everything else (system, user turns, role
+   names, image tokens, BOS, the "▁" after an image) is -100.
+5. Truncation to `max_length` is checked here, not left to the model: a cut through image tokens, or a sample
    left without any trained token, is a `DataError` naming the sample.
 
-`Encoder.check` does steps 1-4 without decoding pixels (image sizes from the file headers and the processor's
-`_get_num_multimodal_tokens`): it is the cheap pre-check `build_dataset` runs over the whole file.
+`Encoder.check_batch` does steps 1, 2, 4 and 5 without decoding pixels (image sizes from the file headers, the
+visual-token counts from the processor's `_get_num_multimodal_tokens`), a batch of records per tokenizer call:
+it is the pre-check `build_dataset` runs over the whole file (in parallel, cached: see `precheck`).
 """
 
 from __future__ import annotations
 
+import bisect
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -25,12 +32,19 @@ import torch
 from PIL import Image
 
 from libra_train.data.records import DataError, Record
-from libra_train.data.templates import render
+from libra_train.data.templates import Rendered, render, splits_at_images
 
 IGNORE_INDEX = -100
 # Per-token keys the processor may return besides input_ids / attention_mask (Qwen2-VL: mm_token_type_ids).
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 DROP_KEYS = ("offset_mapping", "text_replacement_offsets")
+# What a message suggests, by purpose: training runs can skip bad samples; generation / evaluation cannot.
+HINTS = {
+    "training": {"skip": "or set data.skip_bad_samples=true to leave it out", "folder": "data.image_folder"},
+    "evaluation": {"skip": "or leave the sample out of the evaluation", "folder": "the image folder"},
+}
+
+Offsets = list[tuple[int, int]]
 
 
 def shift_spans(
@@ -49,15 +63,68 @@ def shift_spans(
     return [(move(s), move(e)) for s, e in spans]
 
 
-def labels_from_offsets(
-    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
+def labels_from_offsets(ids: list[int], offsets: Offsets, spans: list[tuple[int, int]]) -> list[int]:
     """Labels: the token id where the token starts inside a span (and is not empty), else -100."""
     labels = [IGNORE_INDEX] * len(ids)
     for i, (s, e) in enumerate(offsets):
         if e > s and any(a <= s < b for a, b in spans):
             labels[i] = ids[i]
     return labels
+
+
+def tokenize_prompts(
+    tokenizer: Any, texts: Sequence[str], image_token: str | None, split_at_images: bool
+) -> list[tuple[list[int], Offsets]]:
+    """Token ids and character offsets (into each text) of prompts holding one image token per image.
+
+    Args:
+        tokenizer: a fast tokenizer (offsets are needed).
+        texts: rendered prompts, image tokens not expanded.
+        image_token: the processor's image token (None: text-only, nothing to split at).
+        split_at_images: LLaVA's `tokenizer_image_token`: cut each text at its image tokens; the first piece is
+            tokenized with the tokenizer's special tokens (BOS), the others without, and one image-token id goes
+            between consecutive pieces. Otherwise each text is tokenized whole.
+
+    Returns:
+        ``(ids, offsets)`` per text; with `split_at_images` an image token's offset is its place in the text.
+    """
+    if not texts:
+        return []
+    if not split_at_images or not image_token:
+        enc = tokenizer(list(texts), return_offsets_mapping=True)
+        return [(list(ids), list(offs)) for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])]
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    pieces = [text.split(image_token) for text in texts]
+    first = tokenizer([p[0] for p in pieces], return_offsets_mapping=True)
+    rest_text = [piece for p in pieces for piece in p[1:]]
+    rest = tokenizer(rest_text, add_special_tokens=False, return_offsets_mapping=True) if rest_text else None
+    out, r = [], 0
+    for k, parts in enumerate(pieces):
+        ids, offsets = list(first["input_ids"][k]), list(first["offset_mapping"][k])
+        pos = len(parts[0])
+        for part in parts[1:]:
+            ids.append(image_id)
+            offsets.append((pos, pos + len(image_token)))
+            pos += len(image_token)
+            ids += rest["input_ids"][r]
+            offsets += [(pos + s, pos + e) for s, e in rest["offset_mapping"][r]]
+            pos += len(part)
+            r += 1
+        out.append((ids, offsets))
+    return out
+
+
+def image_runs(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of every maximal run of `image_token_id` in `ids`."""
+    runs: list[tuple[int, int]] = []
+    for i, t in enumerate(ids):
+        if t != image_token_id:
+            continue
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -80,6 +147,7 @@ class Encoder:
         max_length: longest sequence, visual tokens included.
         image_folder: folder that relative image paths are resolved against.
         pad_to_square: pad images to squares first (LLaVA-1.5's "pad"); None = only for ``vicuna_v1``.
+        purpose: ``training`` or ``evaluation``: what the error messages suggest.
     """
 
     def __init__(
@@ -89,8 +157,10 @@ class Encoder:
         max_length: int,
         image_folder: str | os.PathLike | None = None,
         pad_to_square: bool | None = None,
+        purpose: str = "training",
     ):
         self.processor = processor
+        self.hints = HINTS[purpose]
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.template = template
         self.max_length = max_length
@@ -102,9 +172,11 @@ class Encoder:
         self.image_token_id = (
             self.tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
         )
+        self.split_at_images = splits_at_images(template) and self.image_token is not None
         mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or (0.5, 0.5, 0.5)
         self.background = tuple(int(x * 255) for x in mean)
 
+    # -- images -------------------------------------------------------------------------------------------------
     def image_path(self, record: Record, path: str) -> str:
         """Resolve `path` against the image folder; DataError when the file is missing."""
         full = (
@@ -116,96 +188,193 @@ class Encoder:
             raise DataError(
                 record.id,
                 "missing_image",
-                f"image file {full} not found; check image_folder and the path in the record",
+                f"image file {full} not found; check {self.hints['folder']} and the path in the record, "
+                + self.hints["skip"],
                 record.source,
             )
         return full
 
     def load_image(self, record: Record, path: str) -> Image.Image:
-        """Open an image as RGB (padded to a square if configured); DataError when missing or unreadable."""
+        """Open an image as RGB (padded to a square if configured); DataError when missing or unreadable.
+
+        Any exception of the decoder counts as unreadable: PIL reports damaged files as OSError, SyntaxError
+        ("broken PNG file"), EOFError, zlib or struct errors, ValueError..., depending on where the damage is.
+        """
         full = self.image_path(record, path)
         try:
             with Image.open(full) as img:
                 image = img.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as err:
+        except Exception as err:  # noqa: BLE001 (see the docstring: the decoder's failures have many types)
             raise DataError(
                 record.id,
                 "unreadable_image",
-                f"cannot decode image {full} ({err}); replace or remove the file",
+                f"cannot decode image {full} ({type(err).__name__}: {err}); replace the file, {self.hints['skip']}",
                 record.source,
             ) from err
         return expand2square(image, self.background) if self.pad_to_square else image
 
-    def _finish(self, record: Record, ids: list[int], labels: list[int]) -> int:
-        """Check truncation and labels; return the kept length (<= max_length)."""
-        keep = min(len(ids), self.max_length)
-        if self.image_token_id is not None and self.image_token_id in ids[keep:]:
+    def image_size(self, record: Record, path: str) -> tuple[int, int]:
+        """``(height, width)`` as the processor will see it (after square padding), read from the header."""
+        full = self.image_path(record, path)
+        try:
+            with Image.open(full) as img:
+                w, h = img.size
+        except Exception as err:  # noqa: BLE001 (as in load_image)
+            raise DataError(
+                record.id,
+                "unreadable_image",
+                f"cannot read image {full} ({err}); replace the file, {self.hints['skip']}",
+                record.source,
+            ) from err
+        return (max(w, h), max(w, h)) if self.pad_to_square else (h, w)
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def _verdict(self, record: Record, length: int, image_end: int, first_label: int | None) -> int:
+        """The kept length (<= max_length) of a sample, or its DataError.
+
+        Args:
+            length: tokens with the image tokens expanded.
+            image_end: position after its last image token (0 without images).
+            first_label: position of its first trained token (None: no trained token).
+        """
+        keep = min(length, self.max_length)
+        if image_end > keep:
             raise DataError(
                 record.id,
                 "image_truncated",
-                f"{len(ids)} tokens with the image tokens expanded; max_length={self.max_length} would cut image "
-                "tokens (the model would then fail with an image features/tokens mismatch); raise max_length or "
-                "shorten the sample",
+                f"{length} tokens with the image tokens expanded; max_length={self.max_length} would cut image "
+                "tokens (the model would then fail with an image features/tokens mismatch); raise "
+                f"data.max_length or shorten the sample, {self.hints['skip']}",
                 record.source,
             )
-        if all(x == IGNORE_INDEX for x in labels[:keep]):
-            why = "after truncation to max_length=" + str(self.max_length) if keep < len(ids) else "at all"
+        if first_label is None or first_label >= keep:
+            why = "after truncation to max_length=" + str(self.max_length) if keep < length else "at all"
             raise DataError(
                 record.id,
                 "no_labels",
-                f"no trained (assistant) token {why}; raise max_length or fix the sample",
+                f"no trained (assistant) token {why}; raise data.max_length or fix the sample, {self.hints['skip']}",
                 record.source,
             )
         return keep
 
-    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-        enc = self.tokenizer(text, return_offsets_mapping=True)
-        return enc["input_ids"], labels_from_offsets(enc["input_ids"], enc["offset_mapping"], spans)
+    def _finish(self, record: Record, ids: list[int], labels: list[int]) -> int:
+        """`_verdict` of an encoded sample (expanded ids and their labels)."""
+        images = (
+            [i for i, t in enumerate(ids) if t == self.image_token_id]
+            if self.image_token_id is not None
+            else []
+        )
+        first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), None)
+        return self._verdict(record, len(ids), images[-1] + 1 if images else 0, first)
 
-    def check(self, record: Record) -> int:
-        """Validate a record without decoding pixels; return its sequence length after truncation.
+    def _measure(
+        self, ids: list[int], offsets: Offsets, spans: list[tuple[int, int]], counts: list[int]
+    ) -> tuple[int, int, int | None]:
+        """`_verdict`'s numbers for unexpanded ids, without building the expanded sequence (the pre-check's
+        hot path): ``(length, image_end, first_label)``, as `_finish` would find them after the expansion.
+
+        Image tokens are special (added) tokens, so text on either side tokenizes the same whether the token
+        stands once or expanded to ``counts[k]`` copies.
+        """
+        extra = sum(counts) - len(counts)
+        image_end, first_label = 0, None
+        if counts and self.image_token_id in ids:
+            last = len(ids) - 1 - ids[::-1].index(self.image_token_id)
+            image_end = last + 1 + extra
+        for a, b in spans:  # offsets start in text order: jump to the first token starting in the span
+            i = bisect.bisect_left(offsets, a, key=lambda o: o[0])
+            while (
+                i < len(offsets)
+                and offsets[i][0] < b
+                and (offsets[i][1] <= offsets[i][0] or ids[i] == self.image_token_id)
+            ):
+                i += 1  # empty tokens (BOS-like) and image tokens are never trained
+            if i < len(offsets) and offsets[i][0] < b:
+                seen = min(ids[:i].count(self.image_token_id), len(counts)) if counts else 0
+                first_label = i + sum(c - 1 for c in counts[:seen])
+                break
+        return len(ids) + extra, image_end, first_label
+
+    def _counts(self, sizes: list[tuple[int, int]]) -> list[int] | None:
+        """Visual tokens per image of the given ``(height, width)`` sizes; None if the processor cannot say."""
+        counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if counter is None or not sizes:
+            return None if sizes else []
+        return list(counter(image_sizes=sizes)["num_image_tokens"])
+
+    def check_batch(self, records: Sequence[Record]) -> list[int | DataError]:
+        """Validate records without decoding pixels: per record its length after truncation, or its DataError.
 
         Image files must exist and their headers be readable; the number of visual tokens per image comes from
-        the processor's `_get_num_multimodal_tokens` (all transformers VLM processors have it); if the
-        processor lacks it, the length checks wait for `encode`.
+        the processor's `_get_num_multimodal_tokens` (all transformers VLM processors have it; without it the
+        length checks wait for `encode`). One tokenizer call covers the whole batch.
         """
-        rendered = render(self.template, record.turns, self.processor)
-        sizes = []
-        for path in record.images:
-            full = self.image_path(record, path)
+        results: list[int | DataError | None] = [None] * len(records)
+        rendered: list[tuple[int, Rendered, list[tuple[int, int]]]] = []
+        for k, record in enumerate(records):
             try:
-                with Image.open(full) as img:
-                    w, h = img.size
-            except (OSError, ValueError) as err:
-                raise DataError(
-                    record.id, "unreadable_image", f"cannot read image {full} ({err})", record.source
-                ) from err
-            sizes.append((max(w, h), max(w, h)) if self.pad_to_square else (h, w))
-        text, spans = rendered.text, rendered.spans
-        if sizes:
-            counter = getattr(self.processor, "_get_num_multimodal_tokens", None)
-            if counter is None:
-                return min(len(self.tokenizer(text)["input_ids"]), self.max_length)
-            counts = counter(image_sizes=sizes)["num_image_tokens"]
-            pieces, replacements, pos = text.split(self.image_token), [], 0
-            for k, n in enumerate(counts):
-                pos += len(pieces[k])
-                replacements.append((pos, pos + len(self.image_token), n * len(self.image_token)))
-                pos += len(self.image_token)
-            text = "".join(
-                p + (self.image_token * counts[k] if k < len(counts) else "") for k, p in enumerate(pieces)
-            )
-            spans = shift_spans(spans, replacements)
-        ids, labels = self._tokenize(text, spans)
-        return self._finish(record, ids, labels)
+                sizes = [self.image_size(record, p) for p in record.images]
+                rendered.append((k, render(self.template, record.turns, self.processor), sizes))
+            except DataError as err:
+                results[k] = err
+        flat_sizes = [s for _, _, sizes in rendered for s in sizes]
+        flat_counts = self._counts(flat_sizes)
+        tokens = tokenize_prompts(
+            self.tokenizer, [r.text for _, r, _ in rendered], self.image_token, self.split_at_images
+        )
+        used = 0
+        for (k, r, sizes), (ids, offsets) in zip(rendered, tokens):
+            record = records[k]
+            counts = None if flat_counts is None else flat_counts[used : used + len(sizes)]
+            used += len(sizes)
+            if sizes and counts is None:
+                results[k] = min(len(ids), self.max_length)
+                continue
+            try:
+                results[k] = self._verdict(record, *self._measure(ids, offsets, r.spans, counts or []))
+            except DataError as err:
+                results[k] = err
+        return results  # type: ignore[return-value]
 
-    def encode(self, record: Record) -> dict[str, torch.Tensor]:
-        """Record -> ``input_ids[L], labels[L], attention_mask[L]`` (+ ``pixel_values[n_img, ...]`` and the
-        processor's other outputs, e.g. ``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids[L]``).
+    def check(self, record: Record) -> int:
+        """`check_batch` for one record: its length after truncation; raises its DataError."""
+        (result,) = self.check_batch([record])
+        if isinstance(result, DataError):
+            raise result
+        return result
 
-        Text-only samples go through the processor too, so they carry the same per-token keys.
+    # -- encoding -----------------------------------------------------------------------------------------------
+    def _splice(self, ids: list[int], offsets: Offsets, enc: Any) -> tuple[dict[str, list], Offsets]:
+        """Our separately tokenized text with the processor's expanded image-token runs in place of the image
+        tokens: ``(per-token values by key, offsets)``.
+
+        Image positions take every per-token value from the processor (``mm_token_type_ids`` 1, ...); text
+        positions have ``attention_mask`` 1 and 0 in the other keys, as the tokenizer gives them.
         """
-        rendered = render(self.template, record.turns, self.processor)
+        proc_ids = list(enc["input_ids"][0])
+        ours, theirs = image_runs(ids, self.image_token_id), image_runs(proc_ids, self.image_token_id)
+        if len(ours) != len(theirs):
+            raise ValueError(
+                f"the processor's prompt has {len(theirs)} image-token runs where the template has {len(ours)}; "
+                f"this processor cannot be used with template={self.template!r} (use chat_template)"
+            )
+        keys = [k for k in TOKEN_KEYS if k in enc]
+        values: dict[str, list] = {k: [] for k in keys}
+        out_offsets: Offsets = []
+        pos = 0
+        for (start, end), (p_start, p_end) in zip([*ours, (len(ids), len(ids))], [*theirs, (0, 0)]):
+            for key in keys:
+                text = (
+                    ids[pos:start] if key == "input_ids" else [int(key == "attention_mask")] * (start - pos)
+                )
+                values[key] += text + list(enc[key][0][p_start:p_end])
+            out_offsets += offsets[pos:start] + [(0, 0)] * (p_end - p_start)
+            pos = end
+        return values, out_offsets
+
+    def _tensors(self, record: Record, rendered: Rendered) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The prompt of `rendered` as tensors (``input_ids[L]``, ``attention_mask[L]``, per-image keys) and
+        its labels (not truncated)."""
         images = [self.load_image(record, p) for p in record.images]
         if self.processor is self.tokenizer:  # a bare tokenizer: text-only data
             if images:
@@ -218,40 +387,59 @@ class Encoder:
                 text=[rendered.text],
                 images=images or None,
                 return_offsets_mapping=True,
-                return_text_replacement_offsets=True,
+                return_text_replacement_offsets=not self.split_at_images,
             )
-        replaced = [
-            (*r["span"], r["new_span"][1] - r["new_span"][0])
-            for r in enc.get("text_replacement_offsets", [[]])[0]
-        ]
-        ids = list(enc["input_ids"][0])
-        labels = labels_from_offsets(ids, enc["offset_mapping"][0], shift_spans(rendered.spans, replaced))
-        keep = self._finish(record, ids, labels)
-        out = {"labels": torch.tensor(labels[:keep])}
-        for key, value in enc.items():
-            if key in DROP_KEYS:
-                continue
-            if key in TOKEN_KEYS:
-                out[key] = torch.as_tensor(value[0][:keep])  # [L]
-            else:  # per-image tensors: pixel_values [n_img, ...], image_sizes, image_grid_thw, ...
+        if self.split_at_images:
+            ((ids, offsets),) = tokenize_prompts(self.tokenizer, [rendered.text], self.image_token, True)
+            values, offsets = self._splice(ids, offsets, enc)
+            labels = labels_from_offsets(values["input_ids"], offsets, rendered.spans)
+        else:
+            replaced = [
+                (*r["span"], r["new_span"][1] - r["new_span"][0])
+                for r in enc.get("text_replacement_offsets", [[]])[0]
+            ]
+            values = {k: list(enc[k][0]) for k in TOKEN_KEYS if k in enc}
+            spans = shift_spans(rendered.spans, replaced)
+            labels = labels_from_offsets(values["input_ids"], enc["offset_mapping"][0], spans)
+        out = {k: torch.as_tensor(v) for k, v in values.items()}  # [L] each
+        for key, value in enc.items():  # per-image tensors: pixel_values [n_img, ...], image_sizes, ...
+            if key not in DROP_KEYS and key not in TOKEN_KEYS:
                 out[key] = torch.as_tensor(np.asarray(value))
-        return out
+        return out, labels
+
+    def encode(self, record: Record) -> dict[str, torch.Tensor]:
+        """Record -> ``input_ids[L], labels[L], attention_mask[L]`` (+ ``pixel_values[n_img, ...]`` and the
+        processor's other outputs, e.g. ``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids[L]``).
+
+        Text-only samples go through the processor too, so they carry the same per-token keys.
+        """
+        rendered = render(self.template, record.turns, self.processor)
+        out, labels = self._tensors(record, rendered)
+        keep = self._finish(record, out["input_ids"].tolist(), labels)
+        length = len(labels)
+        for key in [k for k, v in out.items() if k in TOKEN_KEYS and len(v) == length]:
+            out[key] = out[key][:keep]
+        return {"labels": torch.tensor(labels[:keep]), **out}
+
+    def prompt(self, record: Record) -> dict[str, torch.Tensor]:
+        """The generation prompt of a record ending with a user turn: ``input_ids[L]``, ``attention_mask[L]``
+        (+ per-image keys), exactly as the training samples tokenize it, ending with the template's
+        generation prompt (vicuna_v1: ``ASSISTANT:``)."""
+        if not record.turns or record.turns[-1][0] != "user":
+            raise DataError(record.id, "bad_roles", "a prompt must end with a user turn", record.source)
+        rendered = render(self.template, record.turns, self.processor, add_generation_prompt=True)
+        return self._tensors(record, rendered)[0]
 
     def encode_prompt(self, record: Record) -> tuple[dict[str, torch.Tensor], str]:
         """The generation prompt of a record (all turns but the last answer) and that reference answer.
 
         Returns:
-            (processor outputs with a batch dim of 1: ``input_ids[1, L]``, ``attention_mask[1, L]``,
-            ``pixel_values[n_img, ...]`` ...; the last assistant turn's text).
+            (``input_ids[1, L]``, ``attention_mask[1, L]`` with a batch dim of 1, ``pixel_values[n_img, ...]``
+            ...; the last assistant turn's text).
         """
         if not record.turns or record.turns[-1][0] != "assistant":
             raise DataError(
                 record.id, "bad_roles", "the last turn must be the answer to evaluate", record.source
             )
-        rendered = render(self.template, record.turns[:-1], self.processor, add_generation_prompt=True)
-        images = [self.load_image(record, p) for p in record.images]
-        if self.processor is self.tokenizer:
-            enc = self.tokenizer([rendered.text], return_tensors="pt")
-        else:
-            enc = self.processor(text=[rendered.text], images=images or None, return_tensors="pt")
-        return dict(enc), record.turns[-1][1]
+        inputs = self.prompt(Record(record.id, record.images, record.turns[:-1], record.source, record.index))
+        return {k: v[None] if k in TOKEN_KEYS else v for k, v in inputs.items()}, record.turns[-1][1]

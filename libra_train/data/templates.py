@@ -7,15 +7,37 @@ span, so the label boundaries do not depend on how a tokenizer merges characters
 * ``vicuna_v1``: LLaVA-1.5's ``conv_vicuna_v1`` (SeparatorStyle.TWO, sep " ", sep2 "</s>"):
   ``system + " " + "USER: " + q1 + " " + "ASSISTANT: " + a1 + "</s>" + "USER: " + q2 + ...``. As in LLaVA's
   `preprocess_multimodal`, a sample with one image has its placeholder moved to the start of its turn
-  (``"<image>\\n" + text``). As in LLaVA's `preprocess_v1`, everything is masked except each answer and its
-  ``</s>``: the span of turn k is ``" " + a_k + "</s>"`` (it starts at the space, so a SentencePiece token
-  ``"▁word"`` is trained, and ``"ASSISTANT:"`` is not).
+  (``"<image>\\n" + text``, stripped). As in LLaVA's `preprocess_v1`, everything is masked except each answer
+  and its ``</s>``: the span of turn k is ``" " + a_k + "</s>"`` (it starts at the space, so a SentencePiece
+  token ``"▁word"`` is trained, and ``"ASSISTANT:"`` is not).
 * ``chat_template``: the processor's (or tokenizer's) own Jinja template (Qwen2-VL, LLaVA-NeXT, llava-hf),
   given the turns as content-part lists (the single image moved first, as above). Assistant spans are found prefix by prefix: for each assistant turn k, the template renders turns[:k]
   with ``add_generation_prompt=True`` (ends where the answer starts) and turns[:k+1] (ends after the answer
   and its end-of-turn tokens); both must be string prefixes of the full rendering (true of the usual
   templates; templates that rewrite earlier turns, e.g. ones dropping past reasoning, are refused). The span
   between them is trained: the answer plus the template's end-of-turn text (``</s>``, ``<|im_end|>\\n``).
+
+Tokenization at images (`splits_at_images`). LLaVA tokenizes a ``vicuna_v1`` prompt with
+`tokenizer_image_token`: the text is cut at every ``<image>``, each piece is tokenized on its own (the first
+with BOS, the later ones without) and the image goes in between. Every LLaVA-1.5 checkpoint was trained, and
+is evaluated by LLaVA's scripts, on those ids, so ``vicuna_v1`` does the same, in training and in the
+generation prompts (``libra_train.inference`` renders and encodes through `Encoder`), for every image of a
+sample (multi-image records too). The rule is stated as "tokenize each piece between images separately", not as
+"insert id 29871", so that it is exact for LLaVA's tokenizer and harmless for others:
+
+* Llama-2 / Vicuna-v1.5 (SentencePiece, ``legacy: false``): a piece starts with SentencePiece's dummy prefix,
+  so the text after each image begins with ``"▁"`` (id 29871) before ``"\\n"`` (``<0x0A>``), label -100.
+  Whole-prompt tokenization (what the llava-hf processor does) adds no prefix after a special token and
+  loses that token. (Checked token for token against an independent implementation of LLaVA's
+  ``preprocess_v1`` on the real Llama-2 tokenizer: tests/data/test_llava_ids.py.)
+* Tokenizers without a dummy prefix (byte-level BPE, the tiny word-level demo tokenizer): the pieces tokenize
+  as they would inside the whole prompt, so the ids are the same either way.
+* Known limit: a piece that *starts with a space* (only possible between two images of a multi-image record,
+  ``"<image> <image>"``) gets the Metaspace pre-tokenizer's treatment of transformers 5 (no extra ``"▁"``),
+  where LLaVA's slow SentencePiece tokenizer would give one more; LLaVA-1.5's data has one image per sample.
+
+``chat_template`` stays exactly what the processor produces from its own template (one tokenizer call over the
+whole prompt): that is the convention of the models that ship a template (llava-hf, LLaVA-NeXT, Qwen2-VL).
 """
 
 from __future__ import annotations
@@ -32,6 +54,7 @@ VICUNA_SYSTEM = (
 VICUNA_ROLES = {"user": "USER", "assistant": "ASSISTANT"}
 VICUNA_SEP, VICUNA_SEP2 = " ", "</s>"
 TEMPLATES = ("vicuna_v1", "chat_template")
+SPLIT_AT_IMAGES = {"vicuna_v1": True, "chat_template": False}  # see "Tokenization at images" above
 
 # A Jinja template that renders exactly what `render_vicuna_v1` renders (used by the tiny test models, so the
 # prefix-by-prefix `chat_template` path can be checked against the direct `vicuna_v1` path).
@@ -64,12 +87,18 @@ class Rendered:
     spans: list[tuple[int, int]]
 
 
+def splits_at_images(template: str) -> bool:
+    """Whether prompts of `template` are tokenized piece by piece between images (see the module doc)."""
+    return SPLIT_AT_IMAGES.get(template, False)
+
+
 def _move_single_image_to_front(turns: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """LLaVA's `preprocess_multimodal`: the one ``<image>`` goes to the start of its turn, then a newline."""
+    """LLaVA's `preprocess_multimodal`: the one ``<image>`` goes to the start of its turn, then a newline
+    (``"<image>\\n" + rest.strip()``, stripped again: a turn that is only the image becomes ``"<image>"``)."""
     if sum(t.count(IMAGE_PLACEHOLDER) for _, t in turns) != 1:
         return turns
     return [
-        (r, IMAGE_PLACEHOLDER + "\n" + t.replace(IMAGE_PLACEHOLDER, "").strip())
+        (r, (IMAGE_PLACEHOLDER + "\n" + t.replace(IMAGE_PLACEHOLDER, "").strip()).strip())
         if IMAGE_PLACEHOLDER in t
         else (r, t)
         for r, t in turns

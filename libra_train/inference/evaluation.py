@@ -82,7 +82,7 @@ def load_qa(path: str | os.PathLike, limit: int | None = None, all_turns: bool =
         if "question" in raw:
             examples.append(_qa_line(raw, index, path))
             continue
-        record = normalize_record(raw, index, str(path))  # DataError names the sample and the file
+        record = normalize_record(raw, index, str(path), "evaluation")  # DataError names sample and file
         qtypes = raw.get("question_types") or []
         answer_turns = [k for k, (role, _) in enumerate(record.turns) if role == "assistant"]
         answer_turns = answer_turns if all_turns else answer_turns[:1]

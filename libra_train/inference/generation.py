@@ -1,9 +1,11 @@
 """Batched generation with the training chat template: queries -> left-padded inputs -> ``model.generate``.
 
-Prompts are rendered by the data package (``libra_train.data.templates.render`` with
-``add_generation_prompt=True``) and images are read and padded by its ``Encoder``, so a question is shown to
-the model exactly as in training. Batches are left-padded, so every prompt ends at the same position and the
-last prompt token (the query of Libra's importance in prefill) is each row's last position.
+Prompts are rendered and tokenized by the data package's ``Encoder.prompt`` (``templates.render`` with
+``add_generation_prompt=True``, the same tokenization as the training samples: for ``vicuna_v1`` LLaVA's
+piece-by-piece `tokenizer_image_token` rule, see ``libra_train.data.templates``), and images are read and padded
+by it too, so a question is shown to the model exactly as in training and as LLaVA's own evaluation shows it.
+Batches are left-padded, so every prompt ends at the same position and the last prompt token (the query of
+Libra's importance in prefill) is each row's last position.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
+from transformers import BatchFeature
 
+from libra_train.data.collate import collate
 from libra_train.data.encode import Encoder, expand2square
 from libra_train.data.records import IMAGE_PLACEHOLDER, Record
-from libra_train.data.templates import render
 
 __all__ = ["Generation", "ImageEncoder", "Query", "build_inputs", "find_runtime", "generate", "visual_counts"]
 
@@ -94,24 +97,23 @@ def build_inputs(
 ) -> Any:
     """Render, read the images and tokenize a batch of queries, left-padded.
 
+    Returns:
+        A ``BatchFeature``: ``input_ids[B, L]``, ``attention_mask[B, L]`` (left padding) and the per-image
+        tensors of all queries concatenated (``pixel_values[sum n_img, ...]``, ...).
+
     Raises:
         libra_train.data.DataError: an image is missing or cannot be decoded (the message names the file).
     """
-    encoder = ImageEncoder(processor, template, max_length=1 << 30, image_folder=image_folder)
-    texts, images = [], []
+    encoder = ImageEncoder(
+        processor, template, max_length=1 << 30, image_folder=image_folder, purpose="evaluation"
+    )
+    prompts = []
     for query in queries:
         if not query.turns or query.turns[-1][0] != "user":
             raise ValueError(f"query {query.id!r}: the conversation must end with a user turn")
-        record = Record(query.id, list(query.images), list(query.turns))
-        texts.append(render(template, record.turns, processor, add_generation_prompt=True).text)
-        images += [encoder.load_image(record, path) for path in record.images]
+        prompts.append(encoder.prompt(Record(query.id, list(query.images), list(query.turns))))
     tokenizer = getattr(processor, "tokenizer", processor)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        return processor(text=texts, images=images or None, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+    return BatchFeature(collate(prompts, tokenizer.pad_token_id, padding_side="left"))
 
 
 def visual_counts(model: nn.Module, runtime: Any, input_ids: torch.Tensor) -> list[list[int]]:

@@ -13,6 +13,16 @@ layout, which the sampler's last, padded megabatch does.
 
 Resume. Every step consumes ``accumulation`` full micro-batches of this rank's stream, so the position in an
 epoch is a number of micro-batches; `ResumableSampler` skips that many samples of the epoch's order.
+
+Start-up. `load_split` builds a split on rank 0 first (reading the JSON, the pre-check with ``data.num_proc``
+processes, both cached under ``data.cache_dir``) while the other ranks wait; then each node's local rank 0, then
+everyone else, loads the cached result (a node without the shared folder computes it once for itself). So the
+pre-check of a 665k-record file runs once per file and configuration, not once per rank and start.
+
+Bad samples at run time (``data.skip_bad_samples=true``): the training set replaces a sample that fails to load
+by the next one that loads (`SupervisedDataset`), identically on every rank, and marks the batch; `TrainData`
+takes the marks off before the batch reaches the model and counts them (`SkipCounter`); the loop all-reduces the
+count into the JSONL log and the run ends with `skipped_summary`.
 """
 
 from __future__ import annotations
@@ -20,15 +30,19 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Sampler
 
 from libra_train.config import RecipeConfig
+from libra_train.config.schema import demo_data_paths
 from libra_train.data import (
     Collator,
     LengthGroupedSampler,
@@ -36,7 +50,11 @@ from libra_train.data import (
     build_dataset,
     generate_demo_data,
 )
+from libra_train.data.dataset import RUNTIME_REASONS, SKIPPED_KEY
 from libra_train.training.dist import DistEnv, barrier
+
+T = TypeVar("T")
+DATA_CACHE = "data_cache"  # under train.output_dir when data.cache_dir is not set
 
 DEMO_MARKER = (
     "demo_args.json"  # written last: its presence (with the same arguments) means the data is complete
@@ -56,10 +74,11 @@ def prepare_demo_data(cfg: RecipeConfig, dist: DistEnv) -> None:
         generate_demo_data(root, **args)
         marker.write_text(json.dumps(args, sort_keys=True))
     barrier()
+    paths = demo_data_paths(cfg.train.output_dir)  # the same strings `validate` accepts for these keys
     cfg.data.train, cfg.data.eval, cfg.data.image_folder = (
-        str(root / "train.json"),
-        str(root / "val.json"),
-        str(root / "images"),
+        paths["train"],
+        paths["eval"],
+        paths["image_folder"],
     )
 
 
@@ -82,6 +101,43 @@ class ResumableSampler(Sampler[int]):
 
 
 @dataclass
+class SkipCounter:
+    """Samples the training set replaced at run time, as seen by this rank (see the module doc).
+
+    Attributes:
+        enabled: ``data.skip_bad_samples``.
+        seen: dataset position -> reason of every replaced sample this rank met.
+        pending: replacements in the batches handed out since the last `take_pending`.
+    """
+
+    enabled: bool = False
+    seen: dict[int, str] = field(default_factory=dict)
+    pending: int = 0
+
+    def take(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Remove the skip marks from a batch (``skipped_samples[k, 2]``: position, reason code) and count them."""
+        marks = batch.pop(SKIPPED_KEY, None)
+        if marks is not None:
+            for pos, code in marks.tolist():
+                self.seen[pos] = RUNTIME_REASONS[code]
+            self.pending += len(marks)
+        return batch
+
+    def take_pending(self) -> int:
+        n, self.pending = self.pending, 0
+        return n
+
+    def gathered(self) -> Counter:
+        """Distinct replaced samples of all ranks, by reason (a collective: call on every rank)."""
+        seen = dict(self.seen)
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            parts: list[Any] = [None] * torch_dist.get_world_size()
+            torch_dist.all_gather_object(parts, seen)
+            seen = {pos: reason for part in parts for pos, reason in part.items()}
+        return Counter(seen.values())
+
+
+@dataclass
 class TrainData:
     """The training split as the loop consumes it.
 
@@ -89,6 +145,7 @@ class TrainData:
         dataset, sampler, loader: this rank's view; call `epoch` to iterate.
         accumulation: micro-batches per optimizer step.
         steps_per_epoch: optimizer steps per epoch (full global batches only).
+        skips: samples replaced at run time (``data.skip_bad_samples``).
     """
 
     dataset: SupervisedDataset
@@ -97,25 +154,71 @@ class TrainData:
     micro_batch_size: int
     accumulation: int
     steps_per_epoch: int
+    skips: SkipCounter = field(default_factory=SkipCounter)
 
     def epoch(self, epoch: int, start_micro_batch: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
         """The accumulation groups (lists of micro-batches) of ``epoch`` from micro-batch ``start_micro_batch``."""
         self.sampler.set_epoch(epoch, skip=start_micro_batch * self.micro_batch_size)
         batches = iter(self.loader)
         for _ in range(start_micro_batch // self.accumulation, self.steps_per_epoch):
-            yield [next(batches) for _ in range(self.accumulation)]
+            yield [self.skips.take(next(batches)) for _ in range(self.accumulation)]
 
 
-def load_split(cfg: RecipeConfig, path: str, processor: Any) -> SupervisedDataset:
+def _env() -> DistEnv:
+    """This process's place from the process group (or the launcher's variables), when none is given."""
+    initialized = torch_dist.is_initialized()
+    rank = torch_dist.get_rank() if initialized else 0
+    world = torch_dist.get_world_size() if initialized else 1
+    return DistEnv(rank, int(os.environ.get("LOCAL_RANK", rank)), world, torch.device("cpu"))
+
+
+def main_process_first(dist: DistEnv, build: Callable[[], T]) -> T:
+    """Run ``build`` on rank 0, then on the other nodes' local rank 0, then on every other rank.
+
+    The first run fills a cache the later ones load. Every rank passes the same barriers whether ``build``
+    succeeds or raises (an error is re-raised after them), so a bad data file ends every rank with the same
+    error instead of leaving the others waiting.
+    """
+    phase = 0 if dist.rank == 0 else 1 if dist.local_rank == 0 else 2
+    result, error = None, None
+    for turn in range(3):
+        if turn == phase:
+            try:
+                result = build()
+            except Exception as exc:  # noqa: BLE001 (re-raised below, after the barriers)
+                error = exc
+        barrier()
+    if error is not None:
+        raise error
+    return result  # type: ignore[return-value]
+
+
+def data_cache_dir(cfg: RecipeConfig) -> str:
+    """``data.cache_dir``, defaulting to ``<train.output_dir>/data_cache``."""
+    return cfg.data.cache_dir or str(Path(cfg.train.output_dir) / DATA_CACHE)
+
+
+def load_split(
+    cfg: RecipeConfig, path: str, processor: Any, dist: DistEnv | None = None
+) -> SupervisedDataset:
+    """A data split as the recipe says, built on rank 0 first and cached for every rank (see the module doc)."""
     d = cfg.data
-    return build_dataset(
-        path,
-        processor,
-        image_folder=d.image_folder,
-        template=d.template,
-        max_length=d.max_length,
-        skip_bad_samples=d.skip_bad_samples,
-    )
+    purpose = "evaluation" if path == d.eval and path != d.train else "training"
+
+    def build() -> SupervisedDataset:
+        return build_dataset(
+            path,
+            processor,
+            image_folder=d.image_folder,
+            template=d.template,
+            max_length=d.max_length,
+            skip_bad_samples=d.skip_bad_samples,
+            cache_dir=data_cache_dir(cfg),
+            num_proc=d.num_proc,
+            purpose=purpose,
+        )
+
+    return main_process_first(dist or _env(), build)
 
 
 def build_train_data(
@@ -134,6 +237,7 @@ def build_train_data(
         group_by_modality=cfg.data.group_by_modality_length,
     )
     sampler = ResumableSampler(grouped)
+    dataset.report_skips = cfg.data.skip_bad_samples  # before the DataLoader copies it into workers
     loader = DataLoader(
         dataset,
         batch_size=micro,
@@ -150,7 +254,9 @@ def build_train_data(
             f"{len(dataset)} training samples make no optimizer step of {micro * accumulation * dist.world_size} "
             "samples (train.global_batch_size); use more data or a smaller global batch"
         )
-    return TrainData(dataset, sampler, loader, micro, accumulation, steps)
+    return TrainData(
+        dataset, sampler, loader, micro, accumulation, steps, SkipCounter(cfg.data.skip_bad_samples)
+    )
 
 
 def eval_shard(n: int, dist: DistEnv, limit: int | None = None) -> list[tuple[int, bool]]:
@@ -163,18 +269,41 @@ def eval_shard(n: int, dist: DistEnv, limit: int | None = None) -> list[tuple[in
     return [(i, True) for i in own] + [(0, False)] * (per_rank - len(own))
 
 
+def _reasons(counts: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
+
+
 def skipped_summary(
-    train: SupervisedDataset, eval_set: SupervisedDataset | None, skip_bad_samples: bool
+    train: SupervisedDataset,
+    eval_set: SupervisedDataset | None,
+    skip_bad_samples: bool,
+    runtime: Counter | None = None,
 ) -> str:
-    """One line on bad samples: how many each split skipped and why (``data.skip_bad_samples``)."""
+    """One line on bad samples: how many each split skipped and why (``data.skip_bad_samples``).
+
+    Args:
+        train, eval_set: the splits (their ``skipped`` counts hold the pre-check's problems; the eval set's also
+            what failed to load in this process).
+        skip_bad_samples: ``data.skip_bad_samples``.
+        runtime: training samples replaced at run time over all ranks (`SkipCounter.gathered`; None at
+            start-up).
+    """
     if not skip_bad_samples:
-        return "skip_bad_samples off (a bad sample is an error)"
+        return "data.skip_bad_samples=false (a bad sample is an error)"
     parts = []
     for name, ds in (("train", train), ("eval", eval_set)):
-        if ds is not None:
-            reasons = ", ".join(f"{k} {v}" for k, v in sorted(ds.skipped.items())) or "none"
-            parts.append(f"{name} skipped {sum(ds.skipped.values())} ({reasons})")
-    return "skip_bad_samples: " + "; ".join(parts)
+        if ds is None:
+            continue
+        counts = Counter(ds.skipped)
+        if name == "train":  # this copy's load-time failures are in `runtime`, counted over all ranks
+            counts.subtract(Counter(ds.runtime_skipped.values()))
+            counts = +counts
+        parts.append(f"{name} skipped {sum(counts.values())} ({_reasons(counts)})")
+    if runtime is not None:
+        parts.append(
+            f"train samples that failed to load during training: {sum(runtime.values())} ({_reasons(runtime)})"
+        )
+    return "data.skip_bad_samples=true: " + "; ".join(parts)
 
 
 def baseline_note(cfg: RecipeConfig) -> str:

@@ -37,11 +37,13 @@ class StepResult:
         tokens: real (unpadded) input tokens of the global batch, before compression.
         visual_tokens: mean visual tokens per image sample at each stage (stage 0 = all of them), over the
             step's compressed samples; empty without Libra.
+        skipped: samples of the step that failed to load and were replaced (``data.skip_bad_samples``).
     """
 
     loss: float
     tokens: int
     visual_tokens: list[float] = field(default_factory=list)
+    skipped: int = 0
 
 
 def supervised_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -60,19 +62,23 @@ def train_step(
     dist: DistEnv,
     dtype: torch.dtype,
     stages: int = 0,
+    skipped: int = 0,
 ) -> StepResult:
     """Forward/backward every micro-batch of one accumulation group; DeepSpeed steps on the last one.
 
     Args:
         stages: Libra stages to report (compression points + 1; 0 without Libra).
+        skipped: this rank's samples of the group that were replaced at load time (summed over ranks here).
     """
     local = torch.stack([supervised_targets(b["labels"]) for b in micro_batches]).sum()
     num_items = all_reduce_sum(local.unsqueeze(0)).to(dist.device, torch.long)  # global supervised tokens
     scale = dist.world_size * len(micro_batches)
     runtime = find_runtime(engine.module) if stages else None
     # Step metrics accumulate on the device and are read once per optimizer step (a float() per micro-batch
-    # would stall a GPU's launch queue every forward): loss, tokens, compressed samples, visual per stage.
-    sums = torch.zeros(3 + stages, dtype=torch.float64, device=dist.device)
+    # would stall a GPU's launch queue every forward): loss, tokens, replaced samples, compressed samples,
+    # visual tokens per stage.
+    sums = torch.zeros(4 + stages, dtype=torch.float64, device=dist.device)
+    sums[2] = skipped
     for batch in micro_batches:
         batch = to_device(batch, dist.device, dtype)
         labels = batch.pop("labels")
@@ -85,20 +91,21 @@ def train_step(
         sums[1] += batch["attention_mask"].sum()
         kept = runtime.last_visual_tokens if runtime is not None else None
         if kept:  # per stage, [B] visual tokens (0 for samples that were not compressed)
-            sums[2] += (kept[0] > 0).sum()
-            sums[3:] += torch.stack([k.to(torch.float64).sum() for k in kept])
-    loss, tokens, samples, *visual = all_reduce_sum(sums).tolist()
-    return StepResult(loss, int(tokens), [v / samples for v in visual] if samples else [])
+            sums[3] += (kept[0] > 0).sum()
+            sums[4:] += torch.stack([k.to(torch.float64).sum() for k in kept])
+    loss, tokens, skipped_all, samples, *visual = all_reduce_sum(sums).tolist()
+    return StepResult(loss, int(tokens), [v / samples for v in visual] if samples else [], int(skipped_all))
 
 
 @dataclass
 class TrainStats:
     """Totals of a `train` call: optimizer steps, input tokens and seconds spent in training steps (evaluation
-    and checkpoints excluded)."""
+    and checkpoints excluded), samples replaced because they failed to load (all ranks)."""
 
     steps: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    skipped: int = 0
 
 
 def train(
@@ -126,7 +133,7 @@ def train(
         engine.train()
         start = time.perf_counter()
         group = next(groups)
-        result = train_step(engine, group, dist, dtype, stages)
+        result = train_step(engine, group, dist, dtype, stages, data.skips.take_pending())
         seconds = time.perf_counter() - start
         state.step += 1
         state.micro_batch += data.accumulation
@@ -135,10 +142,13 @@ def train(
             stats.tokens + result.tokens,
             stats.seconds + seconds,
         )
+        stats.skipped += result.skipped
         window.append(result)
         window_seconds += seconds
         if state.step % log_every == 0 or state.step == total_steps:
             record = _record(engine, data, state, window, window_seconds)
+            if data.skips.enabled:  # replaced samples so far in this run, all ranks
+                record["skipped_samples"] = stats.skipped
             logger.log(record)
             logger.progress(len(window), _postfix(record))
             window, window_seconds = [], 0.0

@@ -56,8 +56,8 @@ def test_deleting_an_unset_key_is_an_error():
 
 
 def test_values_are_never_evaluated():
-    cfg = load_recipe("demo", ["data.image_folder=__import__('os').getcwd()"])
-    assert cfg.data.image_folder == "__import__('os').getcwd()"
+    cfg = load_recipe("demo", ["logging.wandb_project=__import__('os').getcwd()"])
+    assert cfg.logging.wandb_project == "__import__('os').getcwd()"
 
 
 def test_unknown_key_names_key_and_recipe():
@@ -195,3 +195,35 @@ def test_validators_are_called_and_prefixed():
     ) as info:
         load_recipe("demo", ["libra.ratio=1.5"], validators=[libra_config])
     assert isinstance(info.value.__cause__, ValueError)
+
+
+@pytest.mark.parametrize("key", ["train", "eval", "image_folder"])
+def test_demo_data_keys_are_not_silently_replaced(key):
+    # recipe=demo generates its data and points data.train/eval/image_folder there: a value of the user's would
+    # be ignored, so it is an error that says how to use it.
+    msg = _error("demo", [f"data.{key}=mine.json"])
+    assert f"data.{key}=mine.json is set, but data.demo generates the data" in msg and "~data.demo" in msg
+    cfg = load_recipe("demo", ["~data.demo", "data.train=my.json", f"data.{key}=mine.json"])
+    assert cfg.data.demo is None and getattr(cfg.data, key) == "mine.json"
+
+
+def test_demo_paths_written_back_by_a_run_still_load(tmp_path):
+    # A run resolves data.train/eval/image_folder to the generated set and saves that recipe in its checkpoints.
+    from libra_train.config import save_recipe
+    from libra_train.config.schema import demo_data_paths
+
+    out = str(tmp_path / "run")
+    cfg = load_recipe("demo", [f"train.output_dir={out}"])
+    for key, value in demo_data_paths(out).items():
+        setattr(cfg.data, key, value)
+    again = load_recipe(save_recipe(cfg, tmp_path / "recipe.yaml"))
+    assert again.data.train == f"{out}/demo_data/train.json" and again.data.demo == cfg.data.demo
+
+
+def test_tiny_model_ignores_no_family():
+    msg = _error("demo", ["model.family=qwen2_vl"])
+    assert "model.family=qwen2_vl is set, but model.tiny builds a tiny LLaVA-1.5" in msg
+    assert (
+        load_recipe("demo", ["model.tiny=null", "model.path=ckpt", "model.family=qwen2_vl"]).model.path
+        == "ckpt"
+    )

@@ -57,7 +57,7 @@ def test_each_bad_case_names_the_sample(tiny, sample_dir, write_records, case):
     with pytest.raises(BadSamplesError, match=record["id"]) as info:
         build_dataset(path, tiny[1], max_length=100)
     assert [p.reason for p in info.value.problems] == [reason]
-    assert str(path) in str(info.value) and "skip_bad_samples=True" in str(info.value)
+    assert str(path) in str(info.value) and "set data.skip_bad_samples=true" in str(info.value)
 
 
 def test_skip_counts_every_reason(tiny, sample_dir, write_records):

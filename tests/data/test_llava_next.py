@@ -21,6 +21,13 @@ from libra_train.data import IGNORE_INDEX, build_dataset, collate
 from libra_train.models import build_tiny_tokenizer
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+Q = "what colour is the shape at row 1 column 1 ?"
+
+
+def _sample(sid: str, images: list[str], answer: str) -> dict:
+    question = "<image>\n" * len(images) + Q
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": sid, "conversations": turns} | ({"image": images} if images else {})
 
 
 @pytest.fixture(scope="module")
@@ -68,19 +75,10 @@ def test_llava_next_batch(tiny_next, tmp_path, write_records):
     model, processor = tiny_next
     Image.new("RGB", (64, 32), "red").save(tmp_path / "wide.png")
     Image.new("RGB", (40, 40), "green").save(tmp_path / "square.png")
-    q = "what colour is the shape at row 1 column 1 ?"
     records = [
-        {
-            "id": "wide",
-            "image": "wide.png",
-            "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": "red"}],
-        },
-        {"id": "text", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "blue"}]},
-        {
-            "id": "square",
-            "image": "square.png",
-            "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": "green"}],
-        },
+        _sample("wide", ["wide.png"], "red"),
+        _sample("text", [], "blue"),
+        _sample("square", ["square.png"], "green"),
     ]
     ds = build_dataset(write_records(tmp_path, records), processor, template="chat_template", max_length=512)
     items = [ds[i] for i in range(3)]
@@ -95,3 +93,22 @@ def test_llava_next_batch(tiny_next, tmp_path, write_records):
         singles = [model(**collate([it], 3)).loss for it in items]
     counts = [int((it["labels"] != IGNORE_INDEX).sum()) for it in items]
     assert torch.allclose(loss, sum(s * n for s, n in zip(singles, counts)) / sum(counts), atol=1e-5)
+
+
+def test_llava_next_vicuna_v1_splices_the_processors_image_runs(tiny_next, tmp_path, write_records):
+    # vicuna_v1 (LLaVA-NeXT-Vicuna's template) tokenizes the text between images itself and takes each image's
+    # tokens from the processor: the aspect-dependent counts, the pre-check and the chat_template path agree
+    # (the word-level tokenizer has no dummy prefix, so the two templates give the same ids here).
+    _, processor = tiny_next
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "wide.png")
+    Image.new("RGB", (32, 64), "blue").save(tmp_path / "tall.png")
+    records = [_sample("two", ["wide.png", "tall.png"], "red"), _sample("one", ["tall.png"], "blue")]
+    path = write_records(tmp_path, records)
+    kw = dict(max_length=512, pad_to_square=False)
+    vicuna = build_dataset(path, processor, template="vicuna_v1", **kw)
+    jinja = build_dataset(path, processor, template="chat_template", **kw)
+    for i in range(2):
+        a, b = vicuna[i], jinja[i]
+        assert vicuna.lengths[i] == len(a["input_ids"])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int((vicuna[0]["input_ids"] == 4).sum()) > int((vicuna[1]["input_ids"] == 4).sum())

@@ -55,8 +55,13 @@ def test_jsonl_and_json_errors(tmp_path):
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(good | {"id": "b"}) + "\n")
     assert list(load_records(path)["id"]) == ["a", "b"]
     path.write_text(json.dumps(good) + "\n{broken\n")
-    with pytest.raises(ValueError, match="line 2"):
-        load_records(path)
+    rows = load_records(path)  # a bad JSONL line is a bad row (skippable), not an exception
+    assert list(rows["reason"]) == ["", "bad_json"] and list(rows["id"]) == ["a", "d.jsonl:line 2"]
+    assert f"{path}, line 2, column 2: not valid JSON" in rows["error"][1]
+    array = tmp_path / "d.json"
+    array.write_text("[\n" + json.dumps(good) + ",\n  {broken}\n]")
+    with pytest.raises(DataError, match=r"d\.json, line 3, column 4: not valid JSON"):
+        load_records(array)
     with pytest.raises(FileNotFoundError, match="README"):
         load_records(tmp_path / "missing.json")
 
