@@ -255,18 +255,29 @@ def load_model_and_processor(
 def processor_without_video(processor_class: type) -> type:
     """`processor_class` without its ``video_processor`` part, under the same name.
 
-    transformers builds a processor's parts from the arguments of its ``__init__`` and checks each against its
-    base class; every video processor (and the name of their base class) needs torchvision. A subclass whose
-    ``__init__`` has no ``video_processor`` argument has no such part: images and text work as in the full
-    processor (`ProcessorMixin.__call__` skips a missing part), and `save_pretrained` writes the original
-    class name, so the saved folder loads as the full processor where torchvision is installed.
+    transformers builds, checks and loads a processor's parts by `get_attributes` (the part-named arguments of
+    its ``__init__``), and every video processor (even the name of their base class) needs torchvision. A
+    subclass whose `get_attributes` leaves ``video_processor`` out has no such part: images and text work as in
+    the full processor (`ProcessorMixin.__call__` skips a missing part), ``__init__`` and its saved arguments
+    (``num_image_tokens``, ...) are the original ones, and `save_pretrained` writes the original class name, so
+    the saved folder loads as the full processor where torchvision is installed.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        processor_class.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    def get_attributes(cls) -> list[str]:
+        return [a for a in processor_class.get_attributes() if a != "video_processor"]
 
-    attrs = {"__init__": __init__, "__module__": processor_class.__module__, "libra_video_missing": True}
-    return type(processor_class.__name__, (processor_class,), attrs)
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        rest = {k: v for k, v in processor_dict.items() if k != "video_processor"}
+        return super(subclass, cls).from_args_and_dict(args, rest, **kwargs)
+
+    attrs = {
+        "get_attributes": classmethod(get_attributes),
+        "from_args_and_dict": classmethod(from_args_and_dict),
+        "__module__": processor_class.__module__,
+        "libra_video_missing": True,
+    }
+    subclass = type(processor_class.__name__, (processor_class,), attrs)
+    return subclass
 
 
 def load_processor(path: str | os.PathLike) -> Any:
