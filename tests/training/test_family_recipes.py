@@ -5,6 +5,7 @@ recipe says)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -78,8 +79,7 @@ def test_recipe_trains_the_projector_and_freezes_the_tower(recipe):
 
 
 def test_processor_loads_without_torchvision_and_saves_back(family_dirs, tmp_path):
-    pytest.importorskip("PIL")
-    if __import__("importlib").util.find_spec("torchvision") is not None:
+    if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: the full processor loads")
     with pytest.warns(UserWarning, match="pip install torchvision -c constraints.txt"):
         _, processor = load_model_and_processor(family_dirs["llava_onevision"], family="llava_onevision")
