@@ -41,7 +41,15 @@ logger = logging.getLogger(__name__)
 NOMINAL_IMAGE_SIZE = (336, 336)  # for length estimates without the pre-check
 SKIPPED_KEY = "skipped_samples"
 # Reason codes of samples that fail when loaded (an index into this tuple travels in SKIPPED_KEY).
-RUNTIME_REASONS = ("missing_image", "unreadable_image", "image_truncated", "no_labels", "bad_sample")
+RUNTIME_REASONS = (
+    "missing_image",
+    "unreadable_image",
+    "image_truncated",
+    "no_labels",
+    "bad_sample",
+    "missing_video",
+    "unreadable_video",
+)
 BAD_SAMPLES_HINT = (
     "Fix these samples, or set data.skip_bad_samples=true to leave them out and count them "
     "(build_dataset(..., skip_bad_samples=True) from Python)."
@@ -113,7 +121,8 @@ class SupervisedDataset(Dataset):
         good = np.flatnonzero(reasons == "")
         self.indices = good.tolist()
         n_images = pc.list_value_length(records.data.column("images")).to_numpy(zero_copy_only=False)
-        self.has_images = (n_images[good] > 0).tolist()
+        n_videos = pc.list_value_length(records.data.column("videos")).to_numpy(zero_copy_only=False)
+        self.has_images = (n_images[good] + n_videos[good] > 0).tolist()  # image or video: one modality group
         if checks is not None:
             self.lengths = np.asarray(checks.data.column("length").to_numpy())[good].tolist()
         else:
