@@ -174,7 +174,9 @@ class Encoder:
             self.tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
         )
         self.split_at_images = splits_at_images(template) and self.image_token is not None
-        self.video_token = getattr(processor, "video_token", None) or getattr(self.tokenizer, "video_token", None)
+        self.video_token = getattr(processor, "video_token", None) or getattr(
+            self.tokenizer, "video_token", None
+        )
         self.video_token_id = (
             self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
         )
@@ -464,7 +466,10 @@ class Encoder:
             spans = shift_spans(rendered.spans, replaced)
             labels = labels_from_offsets(values["input_ids"], enc["offset_mapping"][0], spans)
         out = {k: torch.as_tensor(v) for k, v in values.items()}  # [L] each
-        for key, value in enc.items():  # per-image / per-video tensors: pixel_values [n_img, ...], video_grid_thw ...
+        for (
+            key,
+            value,
+        ) in enc.items():  # per-image / per-video tensors: pixel_values [n_img, ...], video_grid_thw ...
             if key not in DROP_KEYS and key not in TOKEN_KEYS:
                 out[key] = torch.as_tensor(np.asarray(value))
         return out, labels

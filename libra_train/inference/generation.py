@@ -137,13 +137,12 @@ def visual_counts(model: nn.Module, runtime: Any, input_ids: torch.Tensor) -> li
     """
     if runtime is not None and runtime.last_visual_tokens is not None:
         stages = [t.tolist() for t in runtime.last_visual_tokens]
-    else:  # no compression in this forward: the image tokens of the prompt
-        image_token = getattr(model.config, "image_token_id", None)
-        stages = (
-            [(input_ids == image_token).sum(1).tolist()]
-            if image_token is not None
-            else [[0] * len(input_ids)]
-        )
+    else:  # no compression in this forward: the image and video tokens of the prompt
+        tokens = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id")]
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in (t for t in tokens if t is not None):
+            visual |= input_ids == token
+        stages = [visual.sum(1).tolist()]
     return [[int(s[b]) for s in stages] if stages[0][b] else [] for b in range(len(input_ids))]
 
 
@@ -176,8 +175,9 @@ def generate(
         One :class:`Generation` per query, in order.
     """
     inputs = build_inputs(processor, queries, template, image_folder).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
     sampling: dict[str, float] = {}
     if do_sample:
