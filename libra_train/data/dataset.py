@@ -219,6 +219,9 @@ def build_dataset(
     image_folder = Path(path).parent if image_folder is None else image_folder
     encoder = Encoder(processor, template, max_length, image_folder, pad_to_square, purpose)
     records = load_cached_records(path, cache_dir, purpose)
+    n_videos = pc.list_value_length(records.data.column("videos")).to_numpy(zero_copy_only=False)
+    if n_videos.any():  # before the (parallel) pre-check: a processor without a video part stops the run here
+        encoder.check_video_support([row_to_record(records[int(np.argmax(n_videos > 0))], str(path))])
     checks = (
         check_records(records, encoder, source=str(path), cache_dir=cache_dir, num_proc=num_proc)
         if precheck

@@ -220,7 +220,9 @@ def test_video_next_to_image_batched_equals_per_sample_loss(folder, family):
     samples = [dataset[0], dataset[1]]
     model = apply_libra(build_model(family, tok), CFG)
     batch = collate(samples, tok.pad_token_id)
-    assert "pixel_values_videos" in batch and "pixel_values" in batch  # a video sample next to an image sample
+    assert (
+        "pixel_values_videos" in batch and "pixel_values" in batch
+    )  # a video sample next to an image sample
     total = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     with torch.no_grad():
         out = model(**batch)
@@ -247,3 +249,21 @@ def test_generation_with_a_video_query_equals_it_alone(folder, family):
         assert got.token_ids == alone.token_ids and got.visual_tokens == alone.visual_tokens
     assert together[0].visual_tokens[0] == _expected_video_tokens(family, processor, 4)
     assert together[0].visual_tokens[-1] < together[0].visual_tokens[0]
+
+
+def test_video_cut_by_max_length_is_found_when_encoded(folder):
+    # The pre-check cannot count a video's tokens (the processor samples the frames), so the cut is found by
+    # `encode`: an error naming the sample, or skipped and counted under data.skip_bad_samples=true.
+    processor = _processor("qwen2_5_vl")
+    records = [_video_record("long", [f"f{i}.png" for i in range(4)]), _image_record("fine", "a.png")]
+    path = folder / "long.json"
+    path.write_text(json.dumps(records))
+    kwargs = dict(
+        image_folder=folder, template="chat_template", max_length=34
+    )  # the video: 32 tokens from position 4
+    strict = build_dataset(path, processor, **kwargs)
+    with pytest.raises(DataError, match=r"'long'.*would cut image tokens") as info:
+        strict[0]
+    assert info.value.reason == "image_truncated"
+    lenient = build_dataset(path, processor, skip_bad_samples=True, **kwargs)
+    assert "pixel_values" in lenient[0] and lenient.skipped == {"image_truncated": 1}
