@@ -260,7 +260,8 @@ def processor_without_video(processor_class: type) -> type:
     subclass whose `get_attributes` leaves ``video_processor`` out has no such part: images and text work as in
     the full processor (`ProcessorMixin.__call__` skips a missing part), ``__init__`` and its saved arguments
     (``num_image_tokens``, ...) are the original ones, and `save_pretrained` writes the original class name, so
-    the saved folder loads as the full processor where torchvision is installed.
+    the saved folder loads as the full processor where torchvision is installed (`load_processor` keeps the
+    checkpoint's video configuration in ``libra_video_config``, and `save_pretrained` writes it back).
     """
 
     def get_attributes(cls) -> list[str]:
@@ -270,11 +271,19 @@ def processor_without_video(processor_class: type) -> type:
         rest = {k: v for k, v in processor_dict.items() if k != "video_processor"}
         return super(subclass, cls).from_args_and_dict(args, rest, **kwargs)
 
+    def to_dict(self) -> dict[str, Any]:
+        out = super(subclass, self).to_dict()
+        if self.libra_video_config:  # the checkpoint's video part, saved back untouched
+            out["video_processor"] = dict(self.libra_video_config)
+        return out
+
     attrs = {
         "get_attributes": classmethod(get_attributes),
         "from_args_and_dict": classmethod(from_args_and_dict),
+        "to_dict": to_dict,
         "__module__": processor_class.__module__,
         "libra_video_missing": True,
+        "libra_video_config": None,
     }
     subclass = type(processor_class.__name__, (processor_class,), attrs)
     return subclass
@@ -298,6 +307,10 @@ def load_processor(path: str | os.PathLike) -> Any:
         if processor_class is None or "video_processor" not in inspect.signature(processor_class).parameters:
             raise
     processor = processor_without_video(processor_class).from_pretrained(path, local_files_only=True)
+    video_file = Path(path) / "video_preprocessor_config.json"  # older checkpoints keep it apart
+    processor.libra_video_config = config.get("video_processor") or (
+        json.loads(video_file.read_text()) if video_file.is_file() else None
+    )
     warnings.warn(
         f"{path}: the processor's video part needs torchvision, which is not installed; loaded it for images and "
         f"text only (samples with a video will fail). For video data: {TORCHVISION_HINT}",

@@ -88,6 +88,8 @@ def test_processor_loads_without_torchvision_and_saves_back(family_dirs, tmp_pat
     processor.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "processor_config.json").read_text())
     assert saved["processor_class"] == "LlavaOnevisionProcessor" and saved["num_image_tokens"] == 16
+    # the checkpoint's video part is written back, so a machine with torchvision loads the full processor
+    assert saved["video_processor"] == {"video_processor_type": "LlavaOnevisionVideoProcessor"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
