@@ -126,7 +126,8 @@ class TrainConfig:
         precision: ``bf16`` | ``fp16`` | ``fp32`` (DeepSpeed's bf16/fp16 switches).
         gradient_checkpointing: recompute activations in the backward pass.
         save_steps: save a checkpoint every this many optimizer steps (None = only at the end).
-        save_total_limit: keep at most this many step checkpoints (None = all).
+        save_total_limit: keep at most this many step checkpoints (None = all). A save needs disk room for one
+            more while the new one is written: the oldest is deleted only once the new one is complete.
         eval_steps: evaluate every this many optimizer steps (None = only at the end, if ``data.eval``).
         output_dir: checkpoints, logs and the resolved recipe go here.
         resume: None | ``latest`` (the newest checkpoint in ``output_dir``) | a checkpoint directory. A fresh

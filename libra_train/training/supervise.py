@@ -244,14 +244,10 @@ class Supervisor:
         if self.env.world_size == 1:
             print(f"error: {message}", file=sys.stderr, flush=True)
             return 1
-        if raised_on_every_rank(exc):  # a bad recipe or folder: every rank has the same error; rank 0 says it
-            if self.env.rank == 0 and self._exiting.acquire(blocking=False):
-                self._claim()
-                print(f"error: {message}", file=sys.stderr, flush=True)
-                self._leave(1)
-            if self._exiting.acquire(blocking=False):
-                self._leave(1)
-        self._abort(message, 1)
+        everywhere = raised_on_every_rank(exc)  # a bad recipe or folder: every rank has it, rank 0 says it
+        if everywhere and self.env.rank != 0 and self._exiting.acquire(blocking=False):
+            self._leave(1)
+        self._abort(message, 1, show_rank=not everywhere)
         return 1  # not reached
 
     def _claim(self) -> bool:
@@ -261,19 +257,17 @@ class Supervisor:
         except Exception:  # the store is gone (rank 0 died): nobody else can have claimed it in a way we see
             return True
 
-    def _abort(self, message: str, code: int) -> None:
+    def _abort(self, message: str, code: int, show_rank: bool = True) -> None:
         """Print ``message`` if this rank is the first to fail, tell the others, leave now."""
-        if not self._exiting.acquire(blocking=False):
-            time.sleep(EXIT_WAIT_S + 5)  # another thread of this process is already leaving
+        if not self._exiting.acquire(blocking=False):  # another thread of this process is already leaving
+            time.sleep(EXIT_WAIT_S + 5)
+            os._exit(code)
         prefix = "error" if code == 1 else "stopped"
         if self.env.world_size == 1:
             print(f"{prefix}: {message}", file=sys.stderr, flush=True)
         elif self._claim():
-            print(
-                f"{prefix} (rank {self.env.rank} of {self.env.world_size}): {message}",
-                file=sys.stderr,
-                flush=True,
-            )
+            where = f" (rank {self.env.rank} of {self.env.world_size})" if show_rank else ""
+            print(f"{prefix}{where}: {message}", file=sys.stderr, flush=True)
         self._leave(code)
 
     def _run_exit_hooks(self) -> None:
