@@ -3,8 +3,8 @@ complete checkpoint, no half-written or half-deleted ``checkpoint-N``, and lefto
 resuming then equals the uninterrupted run.
 
 The phase matrix forks the test process and lets ``save_checkpoint`` (the real one, on the real file system)
-SIGKILL itself at a marked point (``LIBRA_TRAIN_FAULT``) while saving the files of a stand-in engine; a few
-real ``train.py`` runs are killed the same way and resumed.
+SIGKILL itself at a marked point (``LIBRA_TRAIN_FAULT``) while saving the files of a stand-in engine; a real
+``train.py`` run is killed the same way while it saves a step again, and resumed.
 """
 
 from __future__ import annotations
@@ -148,20 +148,3 @@ def test_killed_while_saving_again_then_resume_latest_equals_the_uninterrupted_r
     assert sorted(mine) == [3, 4, 5, 6] and mine == pytest.approx({s: ref[s] for s in mine}, rel=1e-6)
     for name, tensor in consolidated(reference / "checkpoint-6").items():
         torch.testing.assert_close(consolidated(out / "checkpoint-6")[name], tensor, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.slow
-def test_killed_while_pruning_then_resume_latest_equals_the_uninterrupted_run(
-    tmp_path: Path, reference: Path, data: list[str]
-):
-    out = tmp_path / "run"
-    overrides = [*data, *BASE, *ONE_PROCESS, "train.save_total_limit=1"]
-    killed = run(out, overrides, fault="delete:renamed kill step=2")  # pruning checkpoint-2 after saving 4
-    assert killed.rc == -signal.SIGKILL, killed.describe()
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
-    assert read_latest(out).name == "checkpoint-4"
-    resumed = run(out, [*overrides, "train.resume=latest"])
-    assert resumed.rc == 0, resumed.describe()
-    assert "removed .deleting-checkpoint-2, left by an interrupted deletion" in resumed.output
-    assert losses_by_step(out) == pytest.approx(losses_by_step(reference), rel=1e-6)
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6"]
