@@ -63,8 +63,8 @@ class ResumeError(RecipeError):
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; lists are values, empty mappings have no keys."""
-    if not isinstance(tree, dict):
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; lists and empty mappings are values."""
+    if not isinstance(tree, dict) or (not tree and prefix):
         return {prefix.rstrip("."): tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -76,9 +76,28 @@ def _covered(key: str, entries: Sequence[str]) -> bool:
     return any(key == e or key.startswith(e + ".") for e in entries)
 
 
-def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``key -> (saved value, current value)`` for every key that differs and can change what is trained."""
+def schema_defaults() -> dict[str, Any]:
+    """The schema's default of every recipe key (flattened): what a key that an older version of libra-train
+    did not write into a checkpoint's recipe meant."""
+    return flatten(OmegaConf.to_container(OmegaConf.structured(RecipeConfig), resolve=False))
+
+
+def recipe_changes(
+    saved: dict[str, Any], current: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """``key -> (saved value, current value)`` for every key that differs and can change what is trained.
+
+    Args:
+        defaults: values of keys the saved recipe lacks (`schema_defaults`: a key added to the schema since
+            the checkpoint was written is no change while it keeps its default).
+    """
     old, new = flatten(saved), flatten(current)
+    for key, value in (defaults or {}).items():
+        if not any(k == key or k.startswith(key + ".") or key.startswith(k + ".") for k in old):
+            old[key] = value
+    for a, b in ((old, new), (new, old)):  # ``model.tiny: {}`` on one side, its keys on the other
+        for key in [k for k, v in a.items() if v == {} and any(n.startswith(k + ".") for n in b)]:
+            del a[key]
     ignored = list(FREE_KEYS)
     if all((tree.get("data") or {}).get("demo") is not None for tree in (saved, current)):
         ignored += DEMO_PATHS
@@ -103,7 +122,7 @@ def check_recipe(cfg: RecipeConfig, checkpoint: Path) -> dict[str, tuple[Any, An
     """
     saved = OmegaConf.to_container(OmegaConf.load(checkpoint / "recipe.yaml"), resolve=True)
     current = recipe_to_dict(cfg)
-    changes = recipe_changes(saved, current)
+    changes = recipe_changes(saved, current, schema_defaults())
     allowed = list(cfg.train.resume_allow_changes)
     known = set(flatten(saved)) | set(flatten(current))
     sections = {k.rsplit(".", i)[0] for k in known for i in range(1, k.count(".") + 1)}

@@ -90,6 +90,17 @@ def test_demo_data_paths_follow_the_output_folder_and_do_not_count(tmp_path: Pat
     assert recipe_changes(saved, now) == {"data.demo.n_train": (40, 80)}
 
 
+def test_keys_newer_than_the_checkpoint_count_as_their_default(tmp_path: Path):
+    checkpoint = _checkpoint_with_recipe(tmp_path, [])
+    text = (checkpoint / "recipe.yaml").read_text()
+    (checkpoint / "recipe.yaml").write_text(
+        text.replace("  skip_bad_samples: false\n", "")
+    )  # an older recipe
+    assert check_recipe(_resume(checkpoint, []), checkpoint) == {}
+    with pytest.raises(ResumeError, match="data.skip_bad_samples False -> True"):
+        check_recipe(_resume(checkpoint, ["data.skip_bad_samples=true"]), checkpoint)
+
+
 def test_structure_problems_name_layout_stage_and_parameters():
     saved = {"world_size": 1, "micro_batch_size": 4, "accumulation": 1, "zero_stage": 2, "precision": "fp32"}
     saved["trainable"] = {"a.weight": [4, 4], "b.weight": [8]}
