@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
-from libra_train.data.encode import Encoder
+from libra_train.data.encode import Encoder, expand2square
 from libra_train.data.records import IMAGE_PLACEHOLDER, Record
 from libra_train.data.templates import render
 
-__all__ = ["Generation", "Query", "build_inputs", "find_runtime", "generate"]
+__all__ = ["Generation", "ImageEncoder", "Query", "build_inputs", "find_runtime", "generate", "visual_counts"]
 
 
 @dataclass
@@ -29,12 +30,13 @@ class Query:
 
     Attributes:
         turns: ``(role, text)`` pairs ending with a user turn; one ``<image>`` placeholder per image.
-        images: image paths (relative to the image folder unless absolute).
+        images: image paths (relative to the image folder unless absolute), or decoded PIL images (what
+            harnesses such as lmms-eval hand over).
         id: a name for messages (sample id, image path).
     """
 
     turns: list[tuple[str, str]]
-    images: list[str] = field(default_factory=list)
+    images: list[str | Image.Image] = field(default_factory=list)
     id: str = ""
 
     @classmethod
@@ -72,6 +74,18 @@ def find_runtime(model: nn.Module) -> Any:
     return None
 
 
+class ImageEncoder(Encoder):
+    """The data package's ``Encoder``, also given already-decoded PIL images: they get the same preparation as
+    the files it opens (RGB, padded to a square when the template trains that way), so an image handed over
+    in memory is seen exactly as the same image read from disk."""
+
+    def load_image(self, record: Record, path: str | Image.Image) -> Image.Image:
+        if not isinstance(path, Image.Image):
+            return super().load_image(record, path)
+        image = path.convert("RGB")
+        return expand2square(image, self.background) if self.pad_to_square else image
+
+
 def build_inputs(
     processor: Any,
     queries: Sequence[Query],
@@ -83,7 +97,7 @@ def build_inputs(
     Raises:
         libra_train.data.DataError: an image is missing or cannot be decoded (the message names the file).
     """
-    encoder = Encoder(processor, template, max_length=1 << 30, image_folder=image_folder)
+    encoder = ImageEncoder(processor, template, max_length=1 << 30, image_folder=image_folder)
     texts, images = [], []
     for query in queries:
         if not query.turns or query.turns[-1][0] != "user":
@@ -100,7 +114,14 @@ def build_inputs(
         tokenizer.padding_side = side
 
 
-def _visual_counts(model: nn.Module, runtime: Any, input_ids: torch.Tensor) -> list[list[int]]:
+def visual_counts(model: nn.Module, runtime: Any, input_ids: torch.Tensor) -> list[list[int]]:
+    """Visual tokens of each sample of the last forward per stage (``Generation.visual_tokens``).
+
+    Args:
+        model: the model that ran the forward.
+        runtime: its Libra runtime (``find_runtime``), or None.
+        input_ids: ``[B, L]`` the forward's input ids (counted when it did not compress).
+    """
     if runtime is not None and runtime.last_visual_tokens is not None:
         stages = [t.tolist() for t in runtime.last_visual_tokens]
     else:  # no compression in this forward: the image tokens of the prompt
@@ -165,7 +186,7 @@ def generate(
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     results = []
-    for b, counts in enumerate(_visual_counts(model, runtime, inputs["input_ids"].cpu())):
+    for b, counts in enumerate(visual_counts(model, runtime, inputs["input_ids"].cpu())):
         ids = new[b].tolist()
         cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
         text = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()

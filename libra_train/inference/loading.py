@@ -67,7 +67,7 @@ def read_merge_config(path: str | os.PathLike) -> LibraConfig | None:
     saved = LibraConfig.from_pretrained(file) if file.is_file() else None
     if from_config is not None:
         try:
-            embedded = LibraConfig.from_dict(from_config)
+            embedded = LibraConfig.from_saved(from_config)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path / 'config.json'}, key {CONFIG_KEY!r}: {err}") from err
         if saved is not None and saved.to_dict() != embedded.to_dict():

@@ -40,6 +40,7 @@ from libra_train.plugin.state import (
     current_span,
     given_cache,
 )
+from libra_train.plugin.units import default_unit, run_units
 
 RUNTIME_ATTR = "_libra_runtime"
 
@@ -133,10 +134,14 @@ class LibraRuntime:
     """Everything ``apply_libra`` attached to one model, and the state of the forward in flight."""
 
     def __init__(self, model: nn.Module, config: LibraConfig) -> None:
-        self.config = config
         self.decoder = find_decoder(model)
         self.layers = self.decoder.layers
         config.check_num_layers(len(self.layers))
+        if (
+            config.unit is None
+        ):  # the family's default, resolved on a copy (one config may serve several models)
+            config = dataclasses.replace(config, unit=default_unit(model))
+        self.config = config  # what this model applies; saved with its checkpoints and exports
         self.points = dict(zip(config.layers, config.ratios))
         self.image_token_ids = _image_token_ids(model)
         self._token_ids: dict[torch.device, torch.Tensor] = {}  # built once per device, not per forward
@@ -297,13 +302,24 @@ class LibraRuntime:
         visual = self._visual_positions(entry, call, span)
         if visual is None:
             return None
+        units = self._units(visual, span)
         valid = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
         labels = call.get("labels") if entry.takes_labels else None
         if labels is None:
             labels = current_labels()
         if labels is None and entry.module.training and (span is None or span.query_index is None):
             self._warn_no_labels(entry)
-        return begin_prefill(self.config, self.points, self.decoder.config, visual, valid, labels, span)
+        return begin_prefill(
+            self.config, self.points, self.decoder.config, visual, valid, labels, span, units
+        )
+
+    def _units(self, visual: torch.Tensor, span) -> torch.Tensor | None:
+        """``[B, L]`` compression unit of each visual position, or None for one unit per sample."""
+        if span is not None and span.units is not None:
+            return span.units.to(visual.device)
+        if self.config.unit == "sample":
+            return None
+        return run_units(visual)
 
     def _warn_no_labels(self, entry: LibraEntry) -> None:
         if not self._warned_no_labels:

@@ -19,6 +19,7 @@ METHOD_PRESETS: dict[str, tuple[str, str]] = {
     "turbo": ("turbo", "mean"),
 }
 QUERY_RULES = ("answer_starts", "last_instruction")
+UNITS = ("sample", "image", "frame")
 
 
 @dataclass
@@ -40,6 +41,11 @@ class LibraConfig:
             ``answer_starts`` averages the last token before every answer span, ``last_instruction`` uses the
             one before the first answer only. Without labels (inference) the query is the last prompt token.
         enabled: False makes the model behave exactly as without the plug-in.
+        unit: what is compressed as one span: ``sample`` (all visual tokens of a sample together), ``image``
+            (each image or video its own span: own intervals, targets, temperature and compensation token at its
+            end) or ``frame`` (also each video frame). None: the model family's default, fixed by ``apply_libra``
+            (and then saved with the config, so inference applies what training used). A config saved before
+            this field existed meant ``sample``.
 
     Fixed by the spec and therefore not fields: ``tau = mean(alpha)`` over the visual span of the point; a
     merged target keeps its target's position, a compensation token takes the last position of the visual span
@@ -55,6 +61,7 @@ class LibraConfig:
     lam: float = 1.0
     query: str = "answer_starts"
     enabled: bool = True
+    unit: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_PRESETS:
@@ -84,6 +91,10 @@ class LibraConfig:
             raise ValueError(f"LibraConfig.merge={self.merge!r} is not one of {MERGE_METHODS}")
         if self.query not in QUERY_RULES:
             raise ValueError(f"LibraConfig.query={self.query!r} is not one of {QUERY_RULES}")
+        if self.unit is not None and self.unit not in UNITS:
+            raise ValueError(
+                f"LibraConfig.unit={self.unit!r} is not one of {UNITS} (or None: the family's default)"
+            )
 
     @property
     def ratios(self) -> list[float]:
@@ -120,6 +131,13 @@ class LibraConfig:
             raise ValueError(f"unknown LibraConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]) -> LibraConfig:
+        """A config read back from a checkpoint or export (``libra_config.json``, ``config.json``'s
+        ``libra_merging``). One saved before ``unit`` existed compressed all visual tokens of a sample as one
+        span, so it reads as ``unit="sample"``; a recipe's ``libra`` block goes through :meth:`from_dict`."""
+        return cls.from_dict({"unit": "sample", **data})
+
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
@@ -148,6 +166,6 @@ class LibraConfig:
         except json.JSONDecodeError as err:
             raise ValueError(f"{file} is not valid JSON: {err}") from err
         try:
-            return cls.from_dict(data)
+            return cls.from_saved(data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{file}: {err}") from err

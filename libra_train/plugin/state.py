@@ -27,7 +27,7 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 
-from libra_train.compress.stage import HostLayout, StagePlan, compress_sequence
+from libra_train.compress.stage import HostLayout, StagePlan, compress_sequence, unit_counts
 from libra_train.compress.types import to_host
 from libra_train.plugin.attention import query_attention
 from libra_train.plugin.config import LibraConfig
@@ -40,6 +40,7 @@ CACHE_ATTR = "_libra_stages"
 class SpanOverride:
     mask: torch.Tensor | None
     query_index: torch.Tensor | None
+    units: torch.Tensor | None = None
 
 
 _SPAN: contextvars.ContextVar[SpanOverride | None] = contextvars.ContextVar("libra_visual_span", default=None)
@@ -58,7 +59,10 @@ def given_cache(kwargs: dict) -> Cache | None:
 
 @contextlib.contextmanager
 def visual_span(
-    mask: torch.Tensor | None = None, *, query_index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None,
+    *,
+    query_index: torch.Tensor | None = None,
+    units: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Tell the plug-in which positions are visual (and optionally which tokens are the queries).
 
@@ -68,10 +72,12 @@ def visual_span(
     Args:
         mask: ``[B, L]`` bool, True at visual positions; None keeps the model's own (image token ids).
         query_index: ``[B]`` or ``[B, Q]`` positions whose attention is the importance (after the image).
+        units: ``[B, L]`` long, the compression unit of each visual position (``0, 1, ...`` in position order
+            within a sample; ``LibraConfig.unit`` otherwise derives them); None keeps the config's rule.
     """
     if query_index is not None and query_index.ndim == 1:
         query_index = query_index[:, None]
-    token = _SPAN.set(SpanOverride(mask, query_index))
+    token = _SPAN.set(SpanOverride(mask, query_index, units))
     try:
         yield
     finally:
@@ -167,17 +173,20 @@ def begin_prefill(
     valid: torch.Tensor,
     labels: torch.Tensor | None,
     span: SpanOverride | None,
+    units: torch.Tensor | None = None,
 ) -> ForwardState | None:
     """The state of a prefill/training forward, or None when no sample has a visual token to compress.
 
-    This is the forward's one host read: per sample the visual, query and real token counts and whether the
-    last position is real (left padding), from which every later shape follows.
+    This is the forward's one host read: per sample the visual, query and real token counts, whether the last
+    position is real (left padding) and, with several units per sample, the last unit id, from which every
+    later shape follows (a second read then fetches the per-unit counts).
 
     Args:
         visual: ``[B, L]`` bool, the visual positions.
         valid: ``[B, L]`` bool, the 2-D padding mask.
         labels: ``[B, L]`` labels (training query rule) or None (inference: the last real token).
         span: a ``visual_span`` override holding explicit query positions, if any.
+        units: ``[B, L]`` long, the compression unit of each visual position, or None (one per sample).
     """
     bsz, length = visual.shape
     if span is not None and span.query_index is not None:  # pinned queries: every sample has them
@@ -189,10 +198,15 @@ def begin_prefill(
         starts = query_starts(labels, valid, visual, config.query)
         n_query = starts.sum(1)
         visual = visual & valid & (n_query > 0)[:, None]  # no query after the image: not compressed
-    counts = torch.stack([visual.sum(1), n_query, valid.sum(1), valid[:, -1].long()])  # [4, B]
-    n_visual, n_queries, n_valid, last_real = to_host(counts)
+    last_unit = units.masked_fill(~visual, -1).max(1).values if units is not None else n_query * 0
+    counts = torch.stack([visual.sum(1), n_query, valid.sum(1), valid[:, -1].long(), last_unit])  # [5, B]
+    n_visual, n_queries, n_valid, last_real, last_units = to_host(counts)
     if not any(n_visual):
         return None
+    if units is None:
+        per_unit = tuple((n,) for n in n_visual)
+    else:  # the second read: tokens per unit, [B, U]
+        per_unit = tuple(map(tuple, to_host(unit_counts(visual, units, max(last_units) + 1))))
     if starts is not None:
         query_index, query_mask = packed_indices(starts, max(1, max(n_queries)))
     else:
@@ -206,7 +220,8 @@ def begin_prefill(
         visual=visual,
         valid=valid,
         occupied=valid,
-        layout=HostLayout(tuple(n_visual), tuple(n_valid)),
+        units=units,
+        layout=HostLayout(per_unit, tuple(n_valid)),
         query_index=query_index,
         query_mask=query_mask,
         position_map=position_map,
@@ -234,6 +249,7 @@ class ForwardState:
         torch.Tensor | None
     )  # [B, L] original position of each current token (-1: compensation/padding)
     occupied: torch.Tensor | None = None  # [B, L] real tokens + reserved compensation slots (the row layout)
+    units: torch.Tensor | None = None  # [B, L] compression unit of each visual token (None: one per sample)
     layout: HostLayout | None = None  # the host's per-sample counts of the current stage
     pad_left: bool = False
     decode_stages: list[CachedStage] | None = None  # set in decode steps
@@ -297,6 +313,7 @@ class ForwardState:
             lam=self.config.lam,
             pad_left=self.pad_left,
             occupied=self.occupied,
+            units=self.units,
             layout=self.layout,
         )
         old_embeddings = self.overrides.get("position_embeddings", layer_kwargs["position_embeddings"])
@@ -329,8 +346,9 @@ class ForwardState:
             plan.occupied,
             plan.layout,
         )
-        self.compensation = self.compensation + plan.result.has_compensation.long()
-        self._record_stage(plan.result.num_targets + self.compensation, new_len)
+        self.units = plan.units if self.units is not None else None
+        self.compensation = self.compensation + plan.has_compensation
+        self._record_stage(plan.num_targets + self.compensation, new_len)
         self.compressed = True
         if cache is not None:
             stages = getattr(cache, CACHE_ATTR, None)

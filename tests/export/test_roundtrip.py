@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -81,18 +82,18 @@ def test_merge_config_round_trip(cfg, checkpoint, tmp_path):
     assert AutoConfig.from_pretrained(out, local_files_only=True).libra_merging == cfg.to_dict()
     assert read_merge_config(out) == cfg
     model, _ = load(out)
-    assert find_runtime(model).config == cfg
+    assert find_runtime(model).config == dataclasses.replace(cfg, unit="image")  # LLaVA's default unit
 
 
 def test_overrides_and_explicit_configs(exported, demo):
     model, processor = load(exported, libra={"ratio": 0.75})
-    assert find_runtime(model).config == LibraConfig(layers=[1], ratio=0.75)
+    assert find_runtime(model).config == LibraConfig(layers=[1], ratio=0.75, unit="image")
     logits(model, batch(processor, demo, n=1))
     assert [t.tolist() for t in find_runtime(model).last_visual_tokens] == [[N_VISUAL], [9]]
     model, _ = load(exported, libra=LibraConfig(method="fastv", layers=[2]))
     assert find_runtime(model).config.layers == [2]
     model, _ = load(exported, libra=str(exported / "libra_config.json"))
-    assert find_runtime(model).config == TRAIN_CONFIG
+    assert find_runtime(model).config == dataclasses.replace(TRAIN_CONFIG, unit=TRAIN_CONFIG.unit or "image")
 
 
 def test_card_states_config_recipe_tokens_and_flops(exported):

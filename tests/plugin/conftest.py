@@ -17,22 +17,24 @@ PAD = 0
 VOCAB = 64
 
 
+# The tiny 6-layer text model of every test family (Llama here; Qwen2 / Qwen-VL text models in family_models.py).
+TEXT_KWARGS = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=PAD,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
 def llama_config(**overrides) -> LlamaConfig:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    return LlamaConfig(**{**TEXT_KWARGS, **overrides})
 
 
 def tiny_clip_config() -> CLIPVisionConfig:

@@ -8,7 +8,7 @@ import pytest
 
 from libra_train import LibraConfig, apply_libra
 from libra_train.plugin import libra_runtime
-from tests.plugin.conftest import tiny_llama
+from tests.plugin.conftest import tiny_llama, tiny_llava
 
 
 @pytest.mark.parametrize(
@@ -107,3 +107,21 @@ def test_layer_beyond_the_model_fails_at_apply(layers):
 def test_last_possible_layer_applies():
     model = apply_libra(tiny_llama(), LibraConfig(layers=[0, 4]))
     assert libra_runtime(model).points == {0: 0.5, 4: 0.5}
+
+
+def test_unit_is_validated_and_old_saved_configs_read_as_one_span_per_sample(tmp_path):
+    with pytest.raises(ValueError, match="unit"):
+        LibraConfig(unit="tile")
+    assert LibraConfig().unit is None  # the family's default, resolved by apply_libra
+    old = {k: v for k, v in LibraConfig(layers=[1]).to_dict().items() if k != "unit"}
+    (tmp_path / "libra_config.json").write_text(json.dumps(old))
+    assert LibraConfig.from_pretrained(tmp_path).unit == "sample"  # saved before `unit` existed
+    assert LibraConfig.from_dict(old).unit is None  # a recipe's block: the family's default
+    LibraConfig(layers=[1], unit="image").save_pretrained(tmp_path)
+    assert LibraConfig.from_pretrained(tmp_path).unit == "image"
+
+
+def test_apply_resolves_the_family_unit_on_a_copy():
+    config = LibraConfig(layers=[1])
+    model = apply_libra(tiny_llava(), config)
+    assert libra_runtime(model).config.unit == "image" and config.unit is None

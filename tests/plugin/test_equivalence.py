@@ -261,9 +261,10 @@ def _two_image_sample(seed: int, prefix: int, middle: int, suffix: int) -> dict:
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_batched_equals_per_sample_with_two_images(side):
-    """Several visual runs in one sample form one visual span; the batch still equals each sample alone."""
+    """With ``unit="sample"`` several visual runs in one sample form one visual span; the batch still equals each
+    sample alone."""
     samples = [_two_image_sample(0, 2, 3, 5), _two_image_sample(1, 1, 2, 4)]
-    model = apply_libra(tiny_llava(), LibraConfig(layers=[1, 3], ratio=0.5, theta=0.9))
+    model = apply_libra(tiny_llava(), LibraConfig(layers=[1, 3], ratio=0.5, theta=0.9, unit="sample"))
     batch = collate([{**s, "pixel_values": None} for s in samples], side)
     batch["pixel_values"] = torch.cat([s["pixels"] for s in samples])
     out = model(**batch)

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    Qwen2VLConfig,
-    Qwen2VLForConditionalGeneration,
-)
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
 from libra_train import LibraConfig, apply_libra, remove_libra
 from libra_train.plugin import libra_runtime, visual_span
 from tests.plugin.conftest import IMAGE_TOKEN, PAD, VOCAB, llama_config, tiny_clip_config
+from tests.plugin.family_models import tiny_qwen2_vl
 
 CFG = LibraConfig(layers=[1, 3], ratio=0.5)
 
@@ -115,41 +111,6 @@ def test_llava_next_generation_cached_equals_uncached():
             ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
             mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
     assert torch.equal(generated, ids)
-
-
-def tiny_qwen2_vl():
-    torch.manual_seed(0)
-    config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
-            pad_token_id=PAD,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            depth=1,
-            embed_dim=16,
-            hidden_size=32,
-            num_heads=2,
-            patch_size=2,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            in_channels=3,
-            mlp_ratio=2,
-        ),
-        image_token_id=IMAGE_TOKEN,
-        video_token_id=5,
-        vision_start_token_id=6,
-        vision_end_token_id=7,
-    )
-    return Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
 
 
 def qwen_batch() -> dict:
