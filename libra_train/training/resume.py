@@ -47,10 +47,10 @@ DEMO_PATHS = ("data.train", "data.eval", "data.image_folder")  # derived from ou
 STRUCTURAL_KEYS = {
     "model.tiny": "the model's shape",
     "model.family": "the model's architecture",
-    "model.freeze_vision_tower": "which parameters train (the optimizer state holds exactly those)",
-    "model.train_projector": "which parameters train (the optimizer state holds exactly those)",
-    "model.train_llm": "which parameters train (the optimizer state holds exactly those)",
-    "lora.enabled": "the LoRA adapters (their weights and optimizer state)",
+    "model.freeze_vision_tower": "which parameters train",
+    "model.train_projector": "which parameters train",
+    "model.train_llm": "which parameters train",
+    "lora.enabled": "the LoRA adapters",
     "lora.r": "the LoRA adapters' shape",
     "lora.target_regex": "which modules carry LoRA adapters",
     "train.micro_batch_size": "the batch layout (the saved position in the epoch counts its micro-batches)",
@@ -133,15 +133,12 @@ def check_recipe(cfg: RecipeConfig, checkpoint: Path) -> dict[str, tuple[Any, An
             raise ResumeError(f"train.resume_allow_changes names '{entry}', which is not a recipe key{hint}")
     structural = {k: v for k, v in changes.items() if _covered(k, list(STRUCTURAL_KEYS))}
     if structural:
-        why = "; ".join(
-            sorted(
-                {STRUCTURAL_KEYS[next(s for s in STRUCTURAL_KEYS if _covered(k, [s]))] for k in structural}
-            )
-        )
+        whys = {STRUCTURAL_KEYS[next(s for s in STRUCTURAL_KEYS if _covered(k, [s]))] for k in structural}
         raise ResumeError(
-            f"cannot resume {checkpoint} with {_show(structural)}: that changes {why}, which the checkpoint's "
-            f"weights and optimizer state were saved for. Resume with the checkpoint's values (its recipe is "
-            f"{checkpoint / 'recipe.yaml'}), or start a new run (another train.output_dir) from its weights"
+            f"cannot resume {checkpoint} with {_show(structural)}: {' and '.join(sorted(whys))} cannot change in "
+            "a resumed run (its weights, optimizer state and data position were saved for the old values). Resume "
+            f"with the checkpoint's values (its recipe is {checkpoint / 'recipe.yaml'}), or start a new run "
+            "(another train.output_dir) from its weights"
         )
     refused = {k: v for k, v in changes.items() if not _covered(k, allowed)}
     if refused:
