@@ -18,6 +18,7 @@ _LAZY = {
     "visual_span": "libra_train.plugin",
     "libra_labels": "libra_train.plugin",
     "libra_causal_lm_loss": "libra_train.plugin",
+    "save_merge_config": "libra_train.plugin.persist",
     "load": "libra_train.infer",
     "export_checkpoint": "libra_train.export",
 }

@@ -37,7 +37,13 @@ from typing import Any
 import yaml
 
 from libra_train.inference.card import model_card
-from libra_train.inference.loading import CONFIG_KEY, RECIPE_FILE, parse_dtype, read_merge_config
+from libra_train.inference.loading import (
+    CONFIG_KEY,
+    PROCESSOR_FILES,
+    RECIPE_FILE,
+    parse_dtype,
+    read_merge_config,
+)
 from libra_train.plugin.config import CONFIG_NAME, LibraConfig
 
 __all__ = [
@@ -50,12 +56,6 @@ __all__ = [
 ]
 
 RECIPE_NAMES = ("recipe.yaml", RECIPE_FILE, "recipe.yml")
-PROCESSOR_FILES = (
-    "processor_config.json",
-    "preprocessor_config.json",
-    "tokenizer_config.json",
-    "tokenizer.json",
-)
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 STALE_AFTER_S = (
     3600  # a leftover without its writer's pid in the name (older versions) counts as stale after this
@@ -110,8 +110,7 @@ def _load_hf_directory(checkpoint: Path, dtype: Any = None) -> tuple[Any, Any, L
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    found = LibraConfig.from_pretrained(checkpoint) if (checkpoint / CONFIG_NAME).is_file() else None
-    return model, processor, found
+    return model, processor, read_merge_config(checkpoint)  # libra_config.json or config.json's libra_merging
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -14,6 +14,7 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 constraint=$(mktemp)
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraint"
-python -m pip install -q -e ".[dev]" -c "$constraint"
+python -m pip install -q -e ".[dev,trl]" -c "$constraint"   # trl: the optional TRL integration and its tests
 rm -f "$constraint"
+bash scripts/install_lmms_eval.sh --light   # lmms-eval for tests/integrations, without its CUDA-bound dependencies
 echo "libra-train is set up in .venv (torch $(python -c 'import torch; print(torch.__version__)'))"

@@ -18,12 +18,12 @@ from collections.abc import Sequence
 
 import torch
 
+from libra_train.compress import similarity
 from libra_train.compress.schedule import num_targets
 from libra_train.compress.types import (
     DROPPED,
     BatchCompressionResult,
     check_methods,
-    cosine_matrix,
     importance_temperature,
     to_host,
 )
@@ -77,10 +77,7 @@ def _select(x, alpha, mask, n, n_t, width, span, select, lam):
     if select == "topk":
         return _first_k_by_score(alpha.masked_fill(~mask, _NEG_INF), n_t, width)
     # turbo: redundancy = highest similarity to another visual token; the least mergeable are targets
-    sim = cosine_matrix(x, x)  # [B, N, N]
-    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-    sim = sim.masked_fill(eye | ~mask[:, None, :], _NEG_INF)
-    redundancy = sim.max(-1).values
+    redundancy = similarity.redundancy(x, mask)  # [B, N]
     peak = alpha.masked_fill(~mask, 0).max(-1, keepdim=True).values.clamp_min(torch.finfo(torch.float32).tiny)
     mergeability = redundancy - lam * alpha / peak
     return _first_k_by_score((-mergeability).masked_fill(~mask, _NEG_INF), n_t, width)
@@ -171,10 +168,14 @@ def compress_visual_tokens_batched(
             :, :n_max
         ]
 
-        sim = cosine_matrix(xd.gather(1, target[..., None].expand(-1, -1, x.shape[2])), xd)  # [B, T, N]
-        sim = sim.masked_fill(~tmask[..., None], _NEG_INF)
-        best = sim.argmax(1)  # [B, N] i*(j): first maximum = earliest target
-        positive = sim.max(1).values > theta  # [B, N] s_max(j) > theta
+        # [B, N] i*(j): first maximum = earliest target; s_max(j) > theta. Asked for the non-targets only (a
+        # target heads its own group), so the float64 refinement of similarity.target_match skips the rest;
+        # prune and igm_neg match nothing (no similarity product, no host read).
+        if merge in ("prune", "igm_neg"):
+            best, positive = torch.zeros_like(mask, dtype=torch.long), torch.zeros_like(mask)
+        else:
+            targets = xd.gather(1, target[..., None].expand(-1, -1, x.shape[2]))  # [B, T, D]
+            best, positive = similarity.target_match(targets, xd, tmask, theta, token_mask=mask & ~is_target)
 
         comp = n_t[:, None].expand(bsz, n_max)  # compensation group id of each sample = N_t
         if merge in ("mean", "igm_pos"):

@@ -1,10 +1,17 @@
-"""Load an export (``libra_train.export``) back: plain ``from_pretrained`` plus the merge config it carries.
+"""Load a saved model back with the compression it was trained with: ``from_pretrained`` plus its merge config.
 
-An export directory is a standard transformers model directory (config, safetensors weights, processor; a
-LoRA adapter beside the base weights when it was not merged, which ``from_pretrained`` picks up by itself)
-plus the merge config twice: ``libra_config.json`` and the ``libra_merging`` key of ``config.json``. Both must
-agree; either alone is enough. ``training_recipe.yaml``, when present, names the chat template the model was
-trained with.
+``load(dir)`` takes any of the directories a Libra model is saved to:
+
+- an export (``libra_train.export``): a transformers model directory (a LoRA adapter beside the base weights
+  when it was not merged, which ``from_pretrained`` picks up by itself) with the merge config twice,
+  ``libra_config.json`` and the ``libra_merging`` key of ``config.json``; both must agree, either is enough;
+- a ``save_pretrained`` / ``Trainer.save_model`` / HF Trainer ``checkpoint-N`` directory of a model with Libra
+  applied (``config.json`` carries ``libra_merging``: ``libra_train.plugin.persist``);
+- a peft adapter directory (``adapter_config.json``, no ``config.json``): the base model is the directory its
+  ``base_model_name_or_path`` names (or ``base=``), the merge config is the adapter's ``libra_config.json``
+  (``save_merge_config``; the trainers in ``libra_train.integrations`` write it), else the base's.
+
+``training_recipe.yaml``, when present, names the chat template the model was trained with.
 """
 
 from __future__ import annotations
@@ -17,10 +24,14 @@ from typing import Any
 import yaml
 
 from libra_train.plugin.config import CONFIG_NAME, LibraConfig
+from libra_train.plugin.persist import CONFIG_KEY, clear_merge_config
 
 __all__ = [
+    "ADAPTER_CONFIG",
     "CONFIG_KEY",
+    "PROCESSOR_FILES",
     "RECIPE_FILE",
+    "adapter_base",
     "load",
     "model_config_json",
     "parse_dtype",
@@ -30,7 +41,13 @@ __all__ = [
     "resolve_libra",
 ]
 
-CONFIG_KEY = "libra_merging"  # the merge config inside config.json
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes (no config.json beside it)
+PROCESSOR_FILES = (
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer_config.json",
+    "tokenizer.json",
+)
 RECIPE_FILE = "training_recipe.yaml"  # the resolved training recipe, copied from the checkpoint
 
 
@@ -55,16 +72,46 @@ def model_config_json(path: str | os.PathLike) -> dict[str, Any]:
     return _read_json(file)
 
 
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """A peft adapter saved on its own: ``adapter_config.json`` without a ``config.json`` beside it."""
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(path: str | os.PathLike, base: str | os.PathLike | None = None) -> Path:
+    """The base model directory of the adapter in ``path``: ``base``, else its ``base_model_name_or_path``."""
+    path = Path(path)
+    if base is None:
+        base = _read_json(path / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if not base:
+            raise ValueError(
+                f"{path / ADAPTER_CONFIG} names no base model (base_model_name_or_path): pass base=DIR "
+                "(the model directory the adapter was trained on)"
+            )
+    base = Path(base)
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the base model of the adapter in {path}, {base}, is not a local model directory (no config.json); "
+            "pass base=DIR with the model the adapter was trained on (no hub download at run time)"
+        )
+    return base
+
+
 def read_merge_config(path: str | os.PathLike) -> LibraConfig | None:
-    """The merge config an export carries, or None when it has none.
+    """The merge config a saved model carries, or None when it has none.
+
+    Reads ``libra_config.json`` and the ``libra_merging`` key of ``config.json``; for a peft adapter directory
+    (no ``config.json``), its ``libra_config.json``, else its base model's merge config.
 
     Raises:
         ValueError: an invalid config, or ``libra_config.json`` and ``config.json["libra_merging"]`` disagree.
     """
     path = Path(path)
-    from_config = model_config_json(path).get(CONFIG_KEY)
     file = path / CONFIG_NAME
     saved = LibraConfig.from_pretrained(file) if file.is_file() else None
+    if is_adapter_dir(path):
+        return saved if saved is not None else read_merge_config(adapter_base(path))
+    from_config = model_config_json(path).get(CONFIG_KEY)
     if from_config is not None:
         try:
             embedded = LibraConfig.from_saved(from_config)
@@ -93,7 +140,9 @@ def resolve_libra(saved: LibraConfig | None, libra: Any, where: str | os.PathLik
             raise ValueError(
                 f"{where} has no merge config ({CONFIG_NAME} or {CONFIG_KEY!r} in config.json): pass "
                 "libra='off' (CLI: --libra off) to run it without compression, or an explicit LibraConfig / "
-                "libra_config.json"
+                "libra_config.json. A peft adapter saved by PeftModel.save_pretrained or a plain Trainer carries "
+                "none: write it with libra_train.save_merge_config(model, dir), or train with "
+                "libra_train.integrations LibraTrainer / LibraSFTTrainer, which do"
             )
         return saved
     if isinstance(libra, LibraConfig):
@@ -157,24 +206,29 @@ def load(
     dtype: Any = None,
     attn_implementation: str = "auto",
     device: str | None = None,
+    base: str | os.PathLike | None = None,
 ) -> tuple[Any, Any]:
-    """Load an export with plain ``from_pretrained`` (local files only) and apply its compression.
+    """Load a saved model with plain ``from_pretrained`` (local files only) and apply its compression.
 
     Args:
-        path: the export directory (``scripts/export.py``), or any local transformers VLM directory.
-        libra: None = the export's merge config (an error when it has none); ``"off"`` = no compression (for
+        path: an export (``scripts/export.py``), a ``save_pretrained`` / Trainer checkpoint directory, a peft
+            adapter directory, or any local transformers VLM directory (see the module doc).
+        libra: None = the saved merge config (an error when there is none); ``"off"`` = no compression (for
             comparison); a ``LibraConfig``; a path to a ``libra_config.json``; or a dict of overrides on the
-            export's config, e.g. ``{"ratio": 0.8}``.
+            saved config, e.g. ``{"ratio": 0.8}``.
         dtype: weight dtype (None = the saved one).
         attn_implementation: ``auto`` (flash_attention_2 on CUDA with flash-attn, else sdpa), ``sdpa``,
             ``eager``.
         device: move the model there (e.g. ``"cuda"``); None leaves it on the CPU.
+        base: for a peft adapter directory, the base model directory (default: the adapter's
+            ``base_model_name_or_path``).
 
     Returns:
-        ``(model, processor)``, the model in eval mode with Libra applied unless it is off.
+        ``(model, processor)``, the model in eval mode with Libra applied unless it is off (a ``PeftModel`` for
+        an adapter directory). ``model.config.libra_merging`` is the applied merge config (absent when off).
 
     Raises:
-        FileNotFoundError: no such directory or no config.json.
+        FileNotFoundError: no such directory, no config.json (nor an adapter), no processor files.
         ValueError: no merge config (and no ``libra`` given), an invalid one, or one that does not fit the
             model (a compression point beyond its depth).
     """
@@ -182,11 +236,19 @@ def load(
     from libra_train.plugin import apply_libra
 
     path = Path(path)
-    config = model_config_json(path)
+    adapter = path if is_adapter_dir(path) else None
+    model_dir = adapter_base(path, base) if adapter is not None else path
+    config = model_config_json(model_dir)
     family = config.get("model_type")
     if family not in MODEL_FAMILIES:
         raise ValueError(
-            f"{path / 'config.json'}: model_type {family!r} is not one of {sorted(MODEL_FAMILIES)}"
+            f"{model_dir / 'config.json'}: model_type {family!r} is not one of {sorted(MODEL_FAMILIES)}"
+        )
+    processor_dir = next((d for d in (path, model_dir) if _has_processor(d)), None)
+    if processor_dir is None:
+        raise FileNotFoundError(
+            f"{path} has no processor/tokenizer files (one of {PROCESSOR_FILES}): give the Trainer "
+            "processing_class=processor so that its saves include them, or processor.save_pretrained(dir)"
         )
     cfg = resolve_libra(read_merge_config(path), libra, path)
     num_layers = _num_layers(config)
@@ -196,11 +258,24 @@ def load(
         except ValueError as err:
             raise ValueError(f"the merge config does not fit the model in {path}: {err}") from err
     model, processor = load_model_and_processor(
-        path, family=family, torch_dtype=parse_dtype(dtype), attn_implementation=attn_implementation
+        model_dir, family=family, torch_dtype=parse_dtype(dtype), attn_implementation=attn_implementation
     )
-    model.eval()
+    if processor_dir != model_dir:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(processor_dir, local_files_only=True)
     if device is not None:
         model.to(device)
     if cfg is not None:
         apply_libra(model, cfg)
-    return model, processor
+    else:
+        clear_merge_config(model)  # the config says what the model does: nothing here
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)  # after apply_libra, as in training
+    return model.eval(), processor
+
+
+def _has_processor(path: Path) -> bool:
+    return any((path / name).is_file() for name in PROCESSOR_FILES)

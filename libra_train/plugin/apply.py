@@ -32,6 +32,7 @@ from torch import nn
 from libra_train.plugin.attention import PREFIX, register_hybrid_attention
 from libra_train.plugin.config import LibraConfig
 from libra_train.plugin.loss import libra_causal_lm_loss
+from libra_train.plugin.persist import clear_merge_config, record_merge_config, recorded_merge_config
 from libra_train.plugin.state import (
     CACHE_ATTR,
     ForwardState,
@@ -327,7 +328,10 @@ class LibraRuntime:
             warnings.warn(
                 f"Libra: a training-mode forward of {type(entry.module).__name__} without labels: the importance is "
                 "the attention of the last token (the inference rule), not of the tokens before the answers. Pass "
-                "labels to the outer model, or wrap the call in `with libra_train.plugin.libra_labels(labels):`.",
+                "labels to the outer model, or wrap the call in `with libra_train.plugin.libra_labels(labels):`. The "
+                "output is the compressed sequence (libra_position_map maps it to the input): a trainer that scores "
+                "it against full-length labels must map them, as libra_train.integrations.trl.LibraSFTTrainer does "
+                "for TRL's SFTTrainer (whose fused LM head calls the inner model directly).",
                 stacklevel=4,
             )
 
@@ -360,14 +364,15 @@ def apply_libra(model: nn.Module, config: LibraConfig | None = None) -> nn.Modul
     Args:
         model: a transformers LLaVA / LLaVA-NeXT / Qwen2-VL model, or a Llama-family causal LM (then give the
             visual positions with :func:`libra_train.visual_span`). Apply before wrapping with peft.
-        config: the merge config (default: ``LibraConfig()``, the paper's setting for 32-layer models).
+        config: the merge config (default: the one recorded on ``model.config.libra_merging``, e.g. by a saved
+            model loaded with plain ``from_pretrained``, else ``LibraConfig()``, the paper's 32-layer setting).
 
     Returns:
         The same model. Its outputs gain ``libra_position_map`` (``[B, L']`` original position of each output
         position, -1 for compensation tokens and padding) and ``libra_attention_mask`` when a forward compressed;
         ``labels`` give the loss through that map.
     """
-    config = config if config is not None else LibraConfig()
+    config = config if config is not None else recorded_merge_config(model) or LibraConfig()
     if getattr(model, RUNTIME_ATTR, None) is not None:
         warnings.warn("apply_libra: Libra is already applied to this model; nothing changed", stacklevel=2)
         return model
@@ -376,7 +381,9 @@ def apply_libra(model: nn.Module, config: LibraConfig | None = None) -> nn.Modul
             raise ValueError(
                 "the model's attention is already a Libra wrapper (copied from a patched model?)"
             )
-    LibraRuntime(model, config).attach(model)
+    runtime = LibraRuntime(model, config)
+    runtime.attach(model)
+    record_merge_config(model, runtime.config)  # what it applies (unit resolved); every save carries it
     return model
 
 
@@ -387,6 +394,7 @@ def remove_libra(model: nn.Module) -> nn.Module:
         warnings.warn("remove_libra: Libra is not applied to this model; nothing changed", stacklevel=2)
         return model
     vars(owner)[RUNTIME_ATTR].detach(owner)
+    clear_merge_config(owner)
     return model
 
 

@@ -12,6 +12,9 @@ from libra_train.compress import (
     num_targets,
 )
 
+# Every test runs with the similarity decisions in float64 and in refine (tests/compress/conftest.py).
+pytestmark = pytest.mark.usefixtures("precision")
+
 RATIOS = [0.0, 0.5, 2 / 3, 0.8]
 LENGTHS = [7, 0, 1, 12, 33, 2]  # includes an empty span and a single token next to real work
 
