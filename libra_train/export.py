@@ -57,9 +57,8 @@ __all__ = [
 
 RECIPE_NAMES = ("recipe.yaml", RECIPE_FILE, "recipe.yml")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
-STALE_AFTER_S = (
-    3600  # a leftover without its writer's pid in the name (older versions) counts as stale after this
-)
+# A leftover without its writer's pid in the name (written by older versions) counts as stale after this long.
+STALE_AFTER_S = 3600
 logger = logging.getLogger(__name__)
 
 
