@@ -16,6 +16,7 @@ _LAZY = {
     "apply_libra": "libra_train.plugin",
     "remove_libra": "libra_train.plugin",
     "visual_span": "libra_train.plugin",
+    "libra_labels": "libra_train.plugin",
     "libra_causal_lm_loss": "libra_train.plugin",
     "load": "libra_train.infer",
     "export_checkpoint": "libra_train.export",

@@ -10,10 +10,12 @@ For each method (and ratio) on the same random model and the same batch (see `li
   as ``generate`` does, then ``decode_tokens`` greedy single-token steps on the cache (the argmax's embedding
   fed back), i.e. ``generate(min_new_tokens=max_new_tokens=decode_tokens + 1)`` split into its two phases.
   Reported: prefill latency, decode tokens/s.
-* **memory**: peak per measurement (`libra_train.bench.memory`: RSS on CPU, CUDA max allocated on GPU).
+* **memory**: peak per measurement (`libra_train.bench.memory`: RSS on CPU, CUDA max allocated on GPU), and
+  the activations saved for backward by one training forward (``SavedForBackward``: bytes autograd keeps,
+  parameters excluded; the same number on any device, so the activation saving shows on CPU too).
 * **tokens and FLOPs**: visual tokens and all tokens per stage as the timed run saw them
-  (``libra_runtime(model).last_visual_tokens`` / ``.last_tokens``, batch maximum = what the padded batch
-  computes), the per-layer schedule, its analytic FLOPs (`libra_train.flops.schedule_flops`) and the ratio to
+  (``libra_runtime(model).last_visual_tokens`` batch maximum, and ``.last_widths``, the padded width each
+  stage computes on, reserved compensation slots included), the per-layer schedule, its analytic FLOPs (`libra_train.flops.schedule_flops`) and the ratio to
   full tokens; the FLOPs-ideal speed-up is ``1 / flops_ratio``.
 * **efficiency** = measured speed-up over ``full`` / FLOPs-ideal speed-up. The FLOPs model counts the decoder
   layers only, so the parts it leaves out (LM head + loss, the optimizer step, which does not shrink at all)
@@ -47,7 +49,7 @@ from typing import Any
 
 import torch
 
-from libra_train.bench.memory import PeakMemory, release_memory
+from libra_train.bench.memory import PeakMemory, SavedForBackward, release_memory
 from libra_train.bench.shapes import BenchInputs, BenchShape
 from libra_train.bench.timing import Timing, measure, synchronize
 from libra_train.flops import libra_points, schedule_flops
@@ -176,7 +178,8 @@ def _stage_counts(model: torch.nn.Module) -> tuple[list[int], list[int]] | None:
     runtime = libra_runtime(model)
     if runtime is None or runtime.last_tokens is None:
         return None
-    return [int(t.max()) for t in runtime.last_visual_tokens], [int(t.max()) for t in runtime.last_tokens]
+    # widths, not real-token counts: the padded rows (reserved compensation slots included) are what is computed
+    return [int(t.max()) for t in runtime.last_visual_tokens], list(runtime.last_widths)
 
 
 def _timing_fields(prefix: str, t: Timing) -> dict[str, float]:
@@ -223,6 +226,9 @@ def measure_train(
     try:
         timing, mem = _timed(step, clock, opts)
         counts = _stage_counts(model)
+        with SavedForBackward(model) as saved, visual_span(inputs.visual):  # one more, untimed forward
+            loss = model(inputs_embeds=inputs.embeds, labels=inputs.labels, use_cache=False).loss
+        loss.backward()
     finally:
         optimizer.zero_grad(set_to_none=True)  # the optimizer state goes with this frame
         set_checkpointing(model, False)
@@ -232,6 +238,7 @@ def measure_train(
     row[f"{prefix}_samples_per_s"] = shape.batch / timing.median
     row[f"{prefix}_tokens_per_s"] = shape.batch * shape.train_length / timing.median
     row.update(_memory_fields(prefix, mem))
+    row[f"{prefix}_saved_for_backward_mib"] = saved.mib
     row["_counts"] = counts
     return row
 

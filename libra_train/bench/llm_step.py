@@ -3,7 +3,8 @@
 Times the decoder stack only (a ``LlamaModel`` fed ``inputs_embeds``: no vision tower, no LM head), which is
 exactly what the paper's FLOPs formula counts, so ``efficiency = measured speed-up / FLOPs-ideal speed-up``
 isolates the overhead of hybrid attention + merging + re-padding. The FLOPs-ideal schedule is the token count
-each layer really saw in the timed run (text tokens and compensation tokens included).
+each layer really computed on in the timed run (text tokens, compensation tokens and reserved compensation slots
+included: ``libra_runtime(model).last_widths``).
 
     python -m libra_train.bench.llm_step                       # LLaVA-1.5-shaped, 8 layers, hidden 1024
     python -m libra_train.bench.llm_step --layers 8 --hidden 512 --intermediate 1376 --repeats 3
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> list[StepResult]:
             points, tokens = [], [embeds.shape[1]]
         else:
             points = config.layers
-            tokens = [int(t.max()) for t in libra_runtime(model).last_tokens]
+            tokens = list(libra_runtime(model).last_widths)  # the padded widths the layers computed on
             remove_libra(model)
         flops = schedule_flops(schedule_from_run(args.layers, points, tokens), shape)
         full = schedule_flops([embeds.shape[1]] * args.layers, shape)

@@ -95,3 +95,46 @@ class PeakMemory:
 
     def as_dict(self) -> dict[str, float | str]:
         return {"kind": self.kind, "peak_mib": round(self.peak_mib, 1), "start_mib": round(self.start_mib, 1)}
+
+
+class SavedForBackward:
+    """Bytes of the activations autograd saves for backward inside the block (parameters excluded).
+
+    Device-independent (the same count on CPU and GPU), so the activation saving of compression is visible
+    without a GPU allocator: ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor a forward keeps for
+    its backward; each storage is counted once (views of one storage share it), and the storages of the
+    model's parameters (weights saved by matmuls) are left out, since they are the same for every method.
+
+        with SavedForBackward(model) as saved:
+            loss = model(**batch).loss
+        saved.mib, saved.tensors
+    """
+
+    def __init__(self, model: torch.nn.Module | None = None) -> None:
+        self._params = (
+            {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+        )
+        self._seen: set[tuple[torch.device, int]] = set()
+        self.bytes = 0
+        self.tensors = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (t.device, storage.data_ptr())
+        if key not in self._seen and storage.data_ptr() not in self._params:
+            self._seen.add(key)
+            self.bytes += storage.nbytes()
+            self.tensors += 1
+        return t
+
+    @property
+    def mib(self) -> float:
+        return self.bytes / 2**20
+
+    def __enter__(self) -> SavedForBackward:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)

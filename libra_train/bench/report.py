@@ -38,6 +38,8 @@ FIELDS: dict[str, str] = {
     "train_samples_per_s": "batch / train_step_ms",
     "train_tokens_per_s": "batch * uncompressed sequence length / train_step_ms",
     "train_peak_mib": "peak memory during the timed steps (see meta.memory)",
+    "train_saved_for_backward_mib": "activations autograd saves for backward in one training forward, parameters "
+    "excluded (device-independent)",
     "train_start_mib": "memory resident/allocated when the timed steps began (weights, optimizer state)",
     "train_speedup": "train_step_ms of full / this one",
     "train_efficiency": "train_speedup / ideal_speedup",
@@ -104,13 +106,22 @@ def header(meta: dict[str, Any]) -> str:
     )
 
 
+def _saved(row: dict[str, Any], prefix: str, rows: list[dict[str, Any]]) -> str:
+    """Activation MiB saved for backward, and its fraction of the full-token row's (older JSON lacks it)."""
+    key = f"{prefix}_saved_for_backward_mib"
+    if key not in row:
+        return "-"
+    base = next((r.get(key) for r in rows if r["method"] == "full"), None)
+    return f"{row[key]:.1f} MiB" + (f" ({row[key] / base:.2f})" if base else "")
+
+
 def training_table(rows: list[dict[str, Any]]) -> str:
     ckpt = any("train_ckpt_step_ms" in r for r in rows)
     head = (
         "| method | points | visual tokens per stage | FLOPs ratio | step (median) | spread | samples/s | tokens/s "
-        "| speed-up | ideal | efficiency (step / fwd+bwd) | peak MiB"
+        "| speed-up | ideal | efficiency (step / fwd+bwd) | peak MiB | saved for backward"
     )
-    rule = "|---|---|---|---|---|---|---|---|---|---|---|---"
+    rule = "|---|---|---|---|---|---|---|---|---|---|---|---|---"
     if ckpt:
         head += " | step, ckpt on | speed-up, ckpt on | peak MiB, ckpt on"
         rule += "|---|---|---"
@@ -124,7 +135,7 @@ def training_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['train_samples_per_s']:.2f} | {r['train_tokens_per_s']:.0f} "
             f"| {_num(r['train_speedup'], '.2f', 'x')} | {r['ideal_speedup']:.2f}x "
             f"| {_num(r['train_efficiency'], '.1%')} / {_num(r['train_fwd_bwd_efficiency'], '.1%')} "
-            f"| {r['train_peak_mib']:.0f}"
+            f"| {r['train_peak_mib']:.0f} | {_saved(r, 'train', rows)}"
         )
         if ckpt:
             line += (

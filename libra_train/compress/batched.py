@@ -4,21 +4,32 @@ Each sample's visual tokens sit at the front of its row (``mask`` is a prefix ma
 are plain integer arithmetic. Cost per sample: ``O(N_t * N * D)`` for the target/token similarity and the
 same again for the merge, done as one batched matmul with a sparse ``[T+1, N]`` weight matrix (deterministic
 on GPU, unlike atomic scatter-adds); selection and weights are computed without gradient.
+
+Host synchronisation. Every tensor width here (``N``, ``T``, the longest interval, ``M``) is a function of the
+per-sample visual counts alone. A caller that already holds those counts on the host (the plug-in reads them
+once per forward) passes them as ``counts`` and nothing is read back from the device: the per-sample values
+are computed twice, on the host for the shapes and on the device for the data, by the same formulas. Without
+``counts`` they are read from ``mask`` (and the prefix mask is validated), as a standalone call expects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from libra_train.compress.schedule import num_targets
 from libra_train.compress.types import (
     DROPPED,
     BatchCompressionResult,
     check_methods,
     cosine_matrix,
     importance_temperature,
+    to_host,
 )
 
 _NEG_INF = float("-inf")
+COMPENSATING_MERGES = ("igm", "igm_neg")  # the merges that can emit an information compensation token
 
 
 def _num_targets(n: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -39,15 +50,18 @@ def _first_k_by_score(score: torch.Tensor, k: torch.Tensor, width: int) -> tuple
     return index.masked_fill(~valid, 0), valid
 
 
-def _select_interval(alpha: torch.Tensor, n: torch.Tensor, n_t: torch.Tensor, width: int):
-    """Position-driven target identification: argmax of alpha in each of ``n_t`` contiguous intervals."""
+def _select_interval(alpha: torch.Tensor, n: torch.Tensor, n_t: torch.Tensor, width: int, span: int):
+    """Position-driven target identification: argmax of alpha in each of ``n_t`` contiguous intervals.
+
+    ``span`` is the longest interval of the batch, ``max ceil(n / n_t)`` (consecutive ``floor(i * n / n_t)``
+    differ by at most that).
+    """
     device = alpha.device
     i = torch.arange(width, device=device)  # [T]
     valid = i < n_t[:, None]  # [B, T]
     safe_t = n_t.clamp_min(1)[:, None]
     start = (i * n[:, None]) // safe_t  # [B, T]: floor(i * N / N_t)
     end = ((i + 1) * n[:, None]) // safe_t
-    span = int((end - start).max()) if alpha.shape[1] else 0
     offsets = torch.arange(max(span, 1), device=device)
     index = start[..., None] + offsets  # [B, T, W]
     inside = (index < end[..., None]) & valid[..., None]
@@ -57,9 +71,9 @@ def _select_interval(alpha: torch.Tensor, n: torch.Tensor, n_t: torch.Tensor, wi
     return target.masked_fill(~valid, 0), valid
 
 
-def _select(x, alpha, mask, n, n_t, width, select, lam):
+def _select(x, alpha, mask, n, n_t, width, span, select, lam):
     if select == "interval":
-        return _select_interval(alpha, n, n_t, width)
+        return _select_interval(alpha, n, n_t, width, span)
     if select == "topk":
         return _first_k_by_score(alpha.masked_fill(~mask, _NEG_INF), n_t, width)
     # turbo: redundancy = highest similarity to another visual token; the least mergeable are targets
@@ -110,6 +124,7 @@ def compress_visual_tokens_batched(
     merge: str = "igm",
     theta: float = 0.7,
     lam: float = 1.0,
+    counts: Sequence[int] | None = None,
 ) -> BatchCompressionResult:
     """Compress a padded batch of visual spans; per sample equal to :func:`compress_visual_tokens`.
 
@@ -118,6 +133,10 @@ def compress_visual_tokens_batched(
         alpha: ``[B, N]`` importance; padding entries are ignored.
         mask: ``[B, N]`` bool, True for real visual tokens (``N_b = mask[b].sum()``, may be 0).
         ratio, select, merge, theta, lam: as in :func:`compress_visual_tokens`.
+        counts: the host's copy of ``mask.sum(1)``, if the caller has one: then nothing is read from the
+            device, the mask is trusted to be a prefix mask, and the output width ``M`` is ``T + 1`` for merges
+            that can make a compensation token (the slot is reserved whether or not one is made). Without it,
+            ``M`` is the batch's real maximum.
 
     Returns:
         A :class:`BatchCompressionResult`.
@@ -126,16 +145,23 @@ def compress_visual_tokens_batched(
     bsz, n_max, _ = x.shape
     device = x.device
     n = mask.sum(1)  # [B]
-    if not torch.equal(mask, torch.arange(n_max, device=device) < n[:, None]):
-        raise ValueError("mask must be a prefix mask: each sample's visual tokens first, padding after")
-    n_t = _num_targets(n, ratio)
-    if bool((n_t >= n).all()):  # nothing to remove anywhere (ratio 0, single tokens, empty spans)
+    reserve = counts is not None
+    if counts is None:
+        if not torch.equal(mask, torch.arange(n_max, device=device) < n[:, None]):
+            raise ValueError("mask must be a prefix mask: each sample's visual tokens first, padding after")
+        counts = to_host(n)
+    kept = [num_targets(c, ratio) for c in counts]  # host copy of n_t
+    if all(
+        k >= c for k, c in zip(kept, counts)
+    ):  # nothing to remove anywhere (ratio 0, single tokens, empty)
         return _identity(x, mask)
+    n_t = _num_targets(n, ratio)  # [B], equal to `kept`
 
-    width = int(n_t.max())  # T
+    width = max(kept)  # T
+    span = max(-(-c // k) for c, k in zip(counts, kept) if k)  # the longest interval, ceil(n / n_t)
     with torch.no_grad():
         xd, alpha = x.detach(), alpha.detach().float().masked_fill(~mask, 0.0)
-        target, tmask = _select(xd, alpha, mask, n, n_t, width, select, lam)  # [B, T]
+        target, tmask = _select(xd, alpha, mask, n, n_t, width, span, select, lam)  # [B, T]
         # Padded target slots scatter into an extra column n_max (dropped), so they never overwrite token 0.
         slot = torch.arange(width, device=device).expand(bsz, width)
         where = target.masked_fill(~tmask, n_max)
@@ -175,7 +201,7 @@ def compress_visual_tokens_batched(
         has_comp = (group == n_t[:, None]).any(1)
 
     num_out = n_t + has_comp.long()
-    m = int(num_out.max())
+    m = width + (merge in COMPENSATING_MERGES) if reserve else int(num_out.max())
     if merge == "prune":  # an exact index select, no arithmetic
         tokens = x.gather(1, target[..., None].expand(-1, -1, x.shape[2]))
         tokens = tokens * tmask[..., None].to(x.dtype)

@@ -85,6 +85,16 @@ class BatchCompressionResult:
         )
 
 
+def to_host(t: torch.Tensor) -> list:
+    """``t.tolist()`` through an explicit copy to host memory: the one way this package reads device values.
+
+    On a GPU this is one synchronisation, as ``tolist`` would be; on a CPU-only run the explicit copy is what
+    ``libra_train.bench.syncs.SyncCounter`` sees (a bare ``tolist`` of a CPU tensor dispatches nothing), so the
+    sync budget counted on CPU is the one a GPU pays.
+    """
+    return t.to("cpu", copy=True).tolist()
+
+
 def check_methods(select: str, merge: str, ratio: float) -> None:
     """Raise ``ValueError`` for an unknown method or a ratio outside ``[0, 1)``."""
     if select not in SELECT_METHODS:

@@ -4,9 +4,13 @@ Mechanism (no forked modeling file, no new parameter, so state_dict keys, peft L
 partitioning are unchanged):
 
 - the language model's attention implementation becomes ``libra_<backend>`` (see ``attention.py``);
-- the model's ``forward`` is wrapped on the instance (as accelerate's hooks do, so that peft, which calls
-  ``self.model.forward`` directly, and DeepSpeed both go through it): the wrapper finds the visual span and
-  the query tokens, holds the per-forward state, and turns ``labels`` into a loss through the position map;
+- the ``forward`` of every module a caller can enter is wrapped on the instance (as accelerate's hooks do, so
+  that peft, which calls ``self.model.forward`` directly, and DeepSpeed both go through it): the outer model,
+  the inner multimodal model (``LlavaModel``, ``Qwen2VLModel``: what TRL's fused LM head calls) and the text
+  decoder. Whichever is entered first finds the visual span and the query tokens and holds the per-forward
+  state (the others pass through); the outer one also turns ``labels`` into a loss through the position map.
+  So no path into the language model runs uncompressed by accident: a decoder called with ``inputs_embeds``,
+  whose visual positions nothing can tell, raises instead;
 - a forward pre-hook on every decoder layer after the first compression point compresses the hidden states
   (at the layer right after a point) and substitutes the compressed mask, rotary embeddings and position ids
   (the decoder loop passes the full-length ones to every layer).
@@ -28,7 +32,14 @@ from torch import nn
 from libra_train.plugin.attention import PREFIX, register_hybrid_attention
 from libra_train.plugin.config import LibraConfig
 from libra_train.plugin.loss import libra_causal_lm_loss
-from libra_train.plugin.state import CACHE_ATTR, ForwardState, current_span, given_cache, query_positions
+from libra_train.plugin.state import (
+    CACHE_ATTR,
+    ForwardState,
+    begin_prefill,
+    current_labels,
+    current_span,
+    given_cache,
+)
 
 RUNTIME_ATTR = "_libra_runtime"
 
@@ -57,17 +68,65 @@ def _image_token_ids(model: nn.Module) -> list[int]:
     return ids
 
 
-class LibraForward:
-    """The instance-level ``forward`` of a model with Libra applied (a callable object, not a closure, so that
-    ``copy.deepcopy(model)`` rebinds it to the copy's runtime and the copy's own forward)."""
+def entry_path(model: nn.Module, decoder: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The modules a forward can enter, outermost first, each with its role: ``outer`` (the model given to
+    ``apply_libra``), ``inner`` (a multimodal model between it and the decoder, e.g. ``LlavaModel``) and
+    ``decoder`` (the text decoder itself; also the role of a model that *is* its decoder)."""
+    name = next(n for n, m in model.named_modules() if m is decoder)
+    parts = name.split(".") if name else []
+    chain = [model]
+    for part in parts:
+        chain.append(getattr(chain[-1], part))
+    roles = ["outer"] + ["inner"] * (len(chain) - 2) + ["decoder"] if len(chain) > 1 else ["decoder"]
+    return list(zip(chain, roles))
 
-    def __init__(self, runtime: LibraRuntime, forward) -> None:
+
+class LibraEntry:
+    """The instance-level ``forward`` of one entry module while Libra is applied.
+
+    A callable object, not a closure, so that ``copy.deepcopy(model)`` rebinds it to the copy's runtime and the
+    copy's own forward. The signature is read once here: binding positional arguments by name costs a dict
+    comprehension per call, not an ``inspect.signature``.
+    """
+
+    def __init__(self, runtime: LibraRuntime, forward, role: str) -> None:
         self.runtime = runtime
+        self.role = role
         self.__wrapped__ = forward  # inspect.signature (used by generate) sees the model's own signature
         functools.update_wrapper(self, forward, updated=())
+        params = inspect.signature(forward).parameters
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        self.positional = [n for n, p in params.items() if p.kind in positional]
+        var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        self.takes_labels = "labels" in params
+        self.takes_return_dict = "return_dict" in params or var_kwargs
+
+    def bind(self, args: tuple, kwargs: dict) -> dict:
+        """The call's arguments by name (positional ones included)."""
+        if not args:
+            return dict(kwargs)
+        if len(args) > len(self.positional):
+            raise TypeError(f"forward() takes {len(self.positional)} positional arguments, got {len(args)}")
+        call = dict(zip(self.positional, args))
+        twice = sorted(set(call) & set(kwargs))
+        if twice:
+            raise TypeError(f"forward() got multiple values for argument(s) {twice}")
+        call.update(kwargs)
+        return call
+
+    @property
+    def module(self) -> nn.Module:
+        return self.__wrapped__.__self__
 
     def __call__(self, *args, **kwargs):
-        return self.runtime.run(self.__wrapped__, args, kwargs)
+        return self.runtime.enter(self, args, kwargs)
+
+
+STATIC_CACHE_ERROR = (
+    "Libra-Merging needs a dynamic KV cache: after a compression point the layers cache fewer keys than the "
+    'layers before it, which a static cache cannot hold. Generate without cache_implementation="static" '
+    "(and without a StaticCache / compile-friendly cache), i.e. with the default DynamicCache."
+)
 
 
 class LibraRuntime:
@@ -80,10 +139,17 @@ class LibraRuntime:
         config.check_num_layers(len(self.layers))
         self.points = dict(zip(config.layers, config.ratios))
         self.image_token_ids = _image_token_ids(model)
+        self._token_ids: dict[torch.device, torch.Tensor] = {}  # built once per device, not per forward
+        self.entries = entry_path(model, self.decoder)
         self.forward: ForwardState | None = None
-        # Filled after each compressing forward, for logging and benchmarks: per stage, [B] counts.
-        self.last_visual_tokens: list[torch.Tensor] | None = None  # visual tokens (stage 0: all of them)
-        self.last_tokens: list[torch.Tensor] | None = None  # real tokens each stage's layers see
+        self._active = False  # an entry's forward is running (entries below it pass through)
+        self._warned_no_labels = False
+        # Filled after each compressing forward, for logging and benchmarks (per stage; stage 0: before the
+        # first point): [B] visual-derived tokens, [B] real tokens each stage's layers see, the padded widths.
+        self.last_visual_tokens: list[torch.Tensor] | None = None
+        self.last_tokens: list[torch.Tensor] | None = None
+        self.last_widths: list[int] | None = None
+        self.last_position_map: torch.Tensor | None = None
         self._hook_ids: list[int] = []
         self._attn_configs = {id(layer.self_attn.config): layer.self_attn.config for layer in self.layers}
         self._attn_configs[id(self.decoder.config)] = self.decoder.config
@@ -101,7 +167,8 @@ class LibraRuntime:
         for idx in range(min(self.points) + 1, len(self.layers)):
             hook = functools.partial(self._layer_pre_hook, idx)
             self._hook_ids.append(self.layers[idx].register_forward_pre_hook(hook, with_kwargs=True).id)
-        model.forward = LibraForward(self, model.forward)
+        for module, role in self.entries:
+            module.forward = LibraEntry(self, module.forward, role)
         setattr(model, RUNTIME_ATTR, self)
 
     def detach(self, model: nn.Module) -> None:
@@ -112,18 +179,27 @@ class LibraRuntime:
             del self.layers[idx].self_attn._libra_runtime
         for key, cfg in self._attn_configs.items():
             cfg._attn_implementation = self._original_attn[key]
-        del model.forward  # the instance attribute: the class's forward is back
+        for module, _ in self.entries:
+            del module.forward  # the instance attribute: the class's forward is back
         delattr(model, RUNTIME_ATTR)
 
     # -- the forward -----------------------------------------------------------------------------------------
-    def run(self, forward, args: tuple, kwargs: dict):
-        """One call of the wrapped ``forward``: arguments bound by name, so positional ones count too."""
-        bound = inspect.signature(forward).bind_partial(*args, **kwargs)
-        call = dict(bound.arguments)
-        call.update(call.pop("kwargs", {}) if "kwargs" in inspect.signature(forward).parameters else {})
-        state = self._begin(call)
+    def enter(self, entry: LibraEntry, args: tuple, kwargs: dict):
+        """A call of an entry's ``forward``: the outermost one in flight runs the plug-in, the others pass."""
+        if self._active or not self.config.enabled:
+            return entry.__wrapped__(*args, **kwargs)
+        self._active = True
+        try:
+            return self._run(entry, args, kwargs)
+        finally:
+            self._active = False
+
+    def _run(self, entry: LibraEntry, args: tuple, kwargs: dict):
+        forward = entry.__wrapped__
+        call = entry.bind(args, kwargs)
+        state = self._begin(entry, call)
         if state is None:
-            self.last_visual_tokens = self.last_tokens = None
+            self.last_visual_tokens = self.last_tokens = self.last_widths = self.last_position_map = None
             return forward(*args, **kwargs)
         if state.decode_stages is not None:
             self.forward = state
@@ -131,15 +207,19 @@ class LibraRuntime:
                 return forward(**call)
             finally:
                 self.forward = None
-        labels = call.pop("labels", None)
+        labels = call.pop("labels", None) if entry.takes_labels else None
         return_dict = call.pop("return_dict", None)
+        if entry.takes_return_dict:
+            call["return_dict"] = True
         self.forward = state
         try:
-            out = forward(**call, return_dict=True)
+            out = forward(**call)
         finally:
             self.forward = None
         self.last_visual_tokens = state.kept_per_stage
         self.last_tokens = state.tokens_per_stage
+        self.last_widths = state.widths
+        self.last_position_map = state.position_map
         if labels is not None:  # replace(), not out["loss"] = ...: the loss must stay the first tuple entry
             loss = libra_causal_lm_loss(
                 out.logits, labels, state.position_map, num_items_in_batch=call.get("num_items_in_batch")
@@ -147,18 +227,59 @@ class LibraRuntime:
             out = dataclasses.replace(out, loss=loss)
         out["libra_position_map"] = state.position_map
         out["libra_attention_mask"] = state.valid
-        return out if return_dict is not False else out.to_tuple()
+        out["libra_position_maps"] = tuple(state.position_maps)
+        if getattr(out, "hidden_states", None) is not None:  # one map per returned hidden state
+            out["libra_hidden_position_maps"] = self._hidden_state_maps(state, len(out.hidden_states))
+        return out.to_tuple() if return_dict is False and entry.takes_return_dict else out
 
-    def _begin(self, kwargs: dict) -> ForwardState | None:
-        if not self.config.enabled:
+    def _hidden_state_maps(self, state: ForwardState, count: int) -> tuple[torch.Tensor, ...]:
+        """The position map of each of ``count`` returned hidden states: entry 0 is the embedding output, entry
+        ``i`` the output of layer ``i - 1``, which runs in the stage after every point below it."""
+        stage_of_layer = [sum(p < j for p in self.points) for j in range(len(self.layers))]
+        stages = [0] + [stage_of_layer[min(i - 1, len(self.layers) - 1)] for i in range(1, count)]
+        return tuple(state.position_maps[min(s, len(state.position_maps) - 1)] for s in stages)
+
+    def _visual_positions(self, entry: LibraEntry, call: dict, span) -> torch.Tensor | None:
+        """``[B, L]`` bool visual positions of this call, or None when it has none the plug-in can see."""
+        if span is not None and span.mask is not None:
+            return span.mask.bool()
+        if not self.image_token_ids:
             return None
-        input_ids = kwargs.get("input_ids")
-        attention_mask = kwargs.get("attention_mask")
+        input_ids = call.get("input_ids")
+        if input_ids is not None:
+            ids = self._token_ids.get(input_ids.device)
+            if ids is None:
+                ids = self._token_ids[input_ids.device] = torch.tensor(
+                    self.image_token_ids, device=input_ids.device
+                )
+            return torch.isin(input_ids, ids)
+        embeds = call.get("inputs_embeds")
+        if embeds is None:
+            return None
+        if entry.role == "decoder":
+            raise ValueError(
+                f"Libra: {type(entry.module).__name__} (the language model of a vision-language model) was called "
+                "with inputs_embeds, so the plug-in cannot tell which positions are visual. Call the multimodal "
+                "model (or its outer *ForConditionalGeneration) with input_ids, or name the visual positions with "
+                "`with libra_train.visual_span(mask): ...` (an all-False mask for a text-only call)."
+            )
+        # Before the multimodal model scatters the image features in, the placeholders hold the image tokens'
+        # own embeddings: transformers' get_placeholder_mask finds them the same way.
+        table = entry.module.get_input_embeddings().weight
+        visual = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        for token in self.image_token_ids:
+            visual |= (embeds == table[token].to(embeds.dtype)).all(-1)
+        return visual
+
+    def _begin(self, entry: LibraEntry, call: dict) -> ForwardState | None:
+        attention_mask = call.get("attention_mask")
+        cache = given_cache(call)
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise ValueError(STATIC_CACHE_ERROR)
         if attention_mask is not None and attention_mask.ndim != 2:
             raise ValueError(
                 "Libra needs a 2-D padding mask (attention_mask [B, L]); got a prepared 4-D mask"
             )
-        cache = given_cache(kwargs)
         stages = getattr(cache, CACHE_ATTR, None) if cache is not None else None
         if stages and cache.get_seq_length() > 0:  # a decode step after a compressing prefill
             return ForwardState(
@@ -173,39 +294,26 @@ class LibraRuntime:
                 decode_stages=stages,
             )
         span = current_span()
-        if span is not None and span.mask is not None:
-            visual = span.mask.bool()
-        elif input_ids is not None and self.image_token_ids:
-            visual = torch.isin(input_ids, torch.tensor(self.image_token_ids, device=input_ids.device))
-        else:
+        visual = self._visual_positions(entry, call, span)
+        if visual is None:
             return None
-        if not bool(visual.any()):
-            return None
-        bsz, length = visual.shape
         valid = torch.ones_like(visual) if attention_mask is None else attention_mask.to(torch.bool)
-        if span is not None and span.query_index is not None:
-            query_index = span.query_index.to(visual.device)
-            query_mask = torch.ones_like(query_index, dtype=torch.bool)
-        else:
-            query_index, query_mask = query_positions(kwargs.get("labels"), valid, visual, self.config.query)
-        visual = visual & valid & query_mask.any(1, keepdim=True)  # no query after the image: not compressed
-        if not bool(visual.any()):
-            return None
-        positions = torch.arange(length, device=visual.device)
-        return ForwardState(
-            config=self.config,
-            points=self.points,
-            text_config=self.decoder.config,
-            visual=visual,
-            valid=valid,
-            query_index=query_index,
-            query_mask=query_mask,
-            position_map=torch.where(valid, positions, -1),
-            pad_left=bool(valid[:, -1].all()),
-            prefill_length=length,
-            kept_per_stage=[visual.sum(1)],
-            tokens_per_stage=[valid.sum(1)],
-        )
+        labels = call.get("labels") if entry.takes_labels else None
+        if labels is None:
+            labels = current_labels()
+        if labels is None and entry.module.training and (span is None or span.query_index is None):
+            self._warn_no_labels(entry)
+        return begin_prefill(self.config, self.points, self.decoder.config, visual, valid, labels, span)
+
+    def _warn_no_labels(self, entry: LibraEntry) -> None:
+        if not self._warned_no_labels:
+            self._warned_no_labels = True
+            warnings.warn(
+                f"Libra: a training-mode forward of {type(entry.module).__name__} without labels: the importance is "
+                "the attention of the last token (the inference rule), not of the tokens before the answers. Pass "
+                "labels to the outer model, or wrap the call in `with libra_train.plugin.libra_labels(labels):`.",
+                stacklevel=4,
+            )
 
     def _layer_pre_hook(self, idx: int, layer: nn.Module, args: tuple, kwargs: dict):
         state = self.forward
@@ -218,7 +326,7 @@ class LibraRuntime:
                 return None
             kwargs["attention_mask"] = mask
             return args, kwargs
-        if (idx - 1) in self.points and bool(state.visual.any()):
+        if (idx - 1) in self.points and state.has_visual():
             hidden = state.compress(idx, hidden, kwargs)
             if args:
                 args = (hidden, *args[1:])

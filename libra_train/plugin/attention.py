@@ -9,6 +9,13 @@ attribute lookup.
 
 The same name is registered with ``AttentionMaskInterface`` (with the backend's mask function): without it
 transformers hands a custom attention name ``attention_mask=None`` and padding would be silently ignored.
+
+Backends. ``eager``, ``sdpa``, ``flex_attention`` and every backend transformers routes through its flash
+integration (``flash_attention_2/3/4`` and hub kernels) work: the flash integration passes
+``module.config._attn_implementation`` on to its kernel loader, which would read ``libra_flash_attention_2`` as
+the name of a hub kernel, so the wrapper hands those backends a view of the module whose config reports the
+backend's own name (:class:`_BackendView`). Paged attention (``paged|...``, continuous batching) keeps one KV
+block table for all layers, which cannot hold the shorter caches after a compression point: refused.
 """
 
 from __future__ import annotations
@@ -61,6 +68,40 @@ def query_attention(
     return (probs * weight[..., None]).sum(1) / weight.sum(1).clamp_min(1.0)[:, None]
 
 
+NAME_BLIND_BACKENDS = (
+    "eager",
+    "sdpa",
+    "flex_attention",
+)  # backends that never read config._attn_implementation
+
+
+class _ConfigView:
+    """A model config that reports another ``_attn_implementation`` and delegates everything else."""
+
+    __slots__ = ("_config", "_attn_implementation")
+
+    def __init__(self, config, name: str) -> None:
+        object.__setattr__(self, "_config", config)
+        object.__setattr__(self, "_attn_implementation", name)
+
+    def __getattr__(self, attr):
+        return getattr(self._config, attr)
+
+
+class _BackendView:
+    """An attention module as its backend must see it: ``module.config._attn_implementation`` is the backend's
+    own name (not ``libra_<backend>``); every other attribute is the module's."""
+
+    __slots__ = ("_module", "config")
+
+    def __init__(self, module: torch.nn.Module, name: str) -> None:
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "config", _ConfigView(module.config, name))
+
+    def __getattr__(self, attr):
+        return getattr(self._module, attr)
+
+
 def _backend(name: str, module: torch.nn.Module) -> Callable:
     if (
         name == "eager"
@@ -70,8 +111,11 @@ def _backend(name: str, module: torch.nn.Module) -> Callable:
 
 
 def _make_wrapper(backend_name: str) -> Callable:
+    sees_its_name = backend_name not in NAME_BLIND_BACKENDS
+
     def libra_attention(module, query, key, value, attention_mask, *args, **kwargs):
-        out = _backend(backend_name, module)(module, query, key, value, attention_mask, *args, **kwargs)
+        target = _BackendView(module, backend_name) if sees_its_name else module
+        out = _backend(backend_name, module)(target, query, key, value, attention_mask, *args, **kwargs)
         runtime = getattr(module, "_libra_runtime", None)
         state = None if runtime is None else runtime.forward
         if state is not None and state.wants_importance(module.layer_idx):
@@ -83,14 +127,31 @@ def _make_wrapper(backend_name: str) -> Callable:
     return libra_attention
 
 
+def supported_backends() -> list[str]:
+    """Attention implementations the hybrid attention can wrap in this process (hub kernels once loaded)."""
+    names = {"eager", *ALL_ATTENTION_FUNCTIONS.keys()} & set(ALL_MASK_ATTENTION_FUNCTIONS.keys())
+    return sorted(n for n in names if not n.startswith(PREFIX) and not n.startswith("paged"))
+
+
 def register_hybrid_attention(backend_name: str) -> str:
     """Register ``libra_<backend>`` (attention and mask functions) and return the name."""
     if backend_name.startswith(PREFIX):
         raise ValueError(f"attention implementation {backend_name!r} is already a Libra wrapper")
-    if backend_name != "eager" and backend_name not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(f"unknown attention implementation {backend_name!r}")
-    if backend_name not in ALL_MASK_ATTENTION_FUNCTIONS:
-        raise ValueError(f"attention implementation {backend_name!r} has no mask function to reuse")
+    if backend_name.startswith("paged"):
+        raise ValueError(
+            f"Libra-Merging does not support attn_implementation={backend_name!r}: paged attention (continuous "
+            "batching) keeps one block table for every layer, and layers after a compression point cache fewer "
+            f"keys. Use one of {supported_backends()}."
+        )
+    known = backend_name == "eager" or backend_name in ALL_ATTENTION_FUNCTIONS
+    if not known or backend_name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        what = (
+            "is not a registered attention implementation" if not known else "has no registered mask function"
+        )
+        raise ValueError(
+            f"Libra-Merging cannot wrap attn_implementation={backend_name!r}: it {what}. Supported here: "
+            f"{supported_backends()}."
+        )
     name = f"{PREFIX}{backend_name}"
     if name not in ALL_ATTENTION_FUNCTIONS:
         AttentionInterface.register(name, _make_wrapper(backend_name))

@@ -70,7 +70,9 @@ def train_step(
     num_items = all_reduce_sum(local.unsqueeze(0)).to(dist.device, torch.long)  # global supervised tokens
     scale = dist.world_size * len(micro_batches)
     runtime = find_runtime(engine.module) if stages else None
-    sums = torch.zeros(3 + stages, dtype=torch.float64)  # loss, tokens, compressed samples, visual per stage
+    # Step metrics accumulate on the device and are read once per optimizer step (a float() per micro-batch
+    # would stall a GPU's launch queue every forward): loss, tokens, compressed samples, visual per stage.
+    sums = torch.zeros(3 + stages, dtype=torch.float64, device=dist.device)
     for batch in micro_batches:
         batch = to_device(batch, dist.device, dtype)
         labels = batch.pop("labels")
@@ -79,12 +81,12 @@ def train_step(
         out = engine(**batch, labels=labels, num_items_in_batch=num_items, use_cache=False)
         engine.backward(out.loss * scale)
         engine.step()
-        sums[0] += float(out.loss.detach())
-        sums[1] += int(batch["attention_mask"].sum())
+        sums[0] += out.loss.detach().to(torch.float64).sum()  # [] or [1] (num_items_in_batch is [1])
+        sums[1] += batch["attention_mask"].sum()
         kept = runtime.last_visual_tokens if runtime is not None else None
         if kept:  # per stage, [B] visual tokens (0 for samples that were not compressed)
-            sums[2] += int((kept[0] > 0).sum())
-            sums[3:] += torch.stack([k.double().sum().cpu() for k in kept])
+            sums[2] += (kept[0] > 0).sum()
+            sums[3:] += torch.stack([k.to(torch.float64).sum() for k in kept])
     loss, tokens, samples, *visual = all_reduce_sum(sums).tolist()
     return StepResult(loss, int(tokens), [v / samples for v in visual] if samples else [])
 

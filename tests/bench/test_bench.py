@@ -11,7 +11,7 @@ import torch
 from libra_train.bench import llm_step
 from libra_train.bench.cli import main
 from libra_train.bench.compare import fastv_point, method_specs, schedule_from_run
-from libra_train.bench.memory import PeakMemory
+from libra_train.bench.memory import PeakMemory, SavedForBackward
 from libra_train.bench.report import FIELDS
 from libra_train.bench.shapes import SHAPES
 from libra_train.compress.schedule import token_schedule
@@ -135,6 +135,29 @@ def test_schedule_from_run_by_hand():
     # points 1 and 3 of 6 layers: layers 0-1 stage 0, 2-3 stage 1, 4-5 stage 2
     assert schedule_from_run(6, [1, 3], [10, 6, 4]) == [10, 10, 6, 6, 4, 4]
     assert schedule_from_run(3, [], [7]) == [7, 7, 7]
+
+
+def test_saved_for_backward_counts_activations_once_and_not_parameters():
+    weight = torch.nn.Parameter(torch.randn(64, 64))
+    model = torch.nn.Module()
+    model.weight = weight
+    x = torch.randn(32, 64, requires_grad=True)
+    with SavedForBackward(model) as saved:
+        h = x @ weight  # saves x and the weight (a parameter: not counted)
+        y = (h * h).sum()  # saves h (twice: one storage)
+    assert saved.bytes == x.numel() * 4 + h.numel() * 4 and saved.tensors == 2
+    y.backward()  # the hooks leave autograd working
+
+
+def test_compression_saves_fewer_activations_for_backward(tiny_run):
+    _, data = tiny_run
+    rows = {r["label"]: r for r in data["results"]}
+    full = rows["full"]["train_saved_for_backward_mib"]
+    for r in RATIOS:
+        libra = rows[f"libra R={r:g}"]
+        assert libra["train_saved_for_backward_mib"] < full
+        assert libra["train_ckpt_saved_for_backward_mib"] < libra["train_saved_for_backward_mib"]
+    assert rows["libra R=0.8"]["train_saved_for_backward_mib"] < rows["libra R=0.5"]["train_saved_for_backward_mib"]
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():
