@@ -61,6 +61,7 @@ def parse(argv: list[str] | None):
     p.add_argument("--set-lora", dest="lora_overrides", nargs="*", default=[], help="key=value for LoRA runs")
     p.add_argument("--lock", help="machine-wide lock held by each training run / evaluation (flock file)")
     p.add_argument("--batch-size", type=int, default=default.batch_size, help="questions per generate call")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the cells in --out")
     p.add_argument("--smoke", action="store_true",
                    help="CI: demo recipes, 1 seed, 3 steps, 16 questions, fastv + libra at R=0.5,0.8, only "
                         "libra (+ full tokens) adapted")  # fmt: skip
@@ -94,6 +95,7 @@ def parse(argv: list[str] | None):
         lora_overrides=args.lora_overrides,
         lock=args.lock,
         batch_size=args.batch_size,
+        report_only=args.report_only,
     )
 
 

@@ -69,6 +69,7 @@ class QualityOptions:
         overrides, lora_overrides: extra ``key=value`` for the full-token / the LoRA runs.
         lock: machine-wide lock file held by CPU-heavy parts (None: none).
         batch_size: questions per ``generate`` call.
+        report_only: measure nothing; rebuild the report from the cells already under ``out``.
     """
 
     recipe: str = "demo144_full"
@@ -90,6 +91,7 @@ class QualityOptions:
     lora_overrides: list[str] = field(default_factory=list)
     lock: str | None = None
     batch_size: int = 32
+    report_only: bool = False
 
 
 def _has_demo(recipe: str, overrides: list[str]) -> bool:
@@ -262,6 +264,8 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         The report written to ``<out>/quality.json`` (``meta``, ``fields``, ``rows``, ``cells``).
     """
     started, load_before = time.perf_counter(), _loadavg()
+    if not opts.seeds:
+        raise ValueError("give at least one seed (--seeds 0,1,2)")
     methods = select_methods(opts.methods)
     if opts.aware_methods is not None:
         select_methods(opts.aware_methods)  # unknown names fail here, not silently
@@ -272,7 +276,7 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         )
     methods = [m for m in methods if m.name not in skipped]
     store = CellStore(opts.out / "cells")
-    for seed in opts.seeds:
+    for seed in [] if opts.report_only else opts.seeds:
         seed_dir = opts.work / f"seed{seed}"
         model_args = [
             *_seeded(opts.recipe, seed, opts.overrides), "libra.enabled=false", *QUIET, *_cap(opts.max_steps),
@@ -285,8 +289,17 @@ def run(opts: QualityOptions) -> dict[str, Any]:
         training_free(opts, store, seed, export, model_args, data, methods)
         if opts.aware:
             compression_aware(opts, store, seed, export, data, methods)
+        _report(opts, store, skipped, started, load_before)  # after every seed: a partial report
+    report = _report(opts, store, skipped, started, load_before)
+    _log(f"report: {opts.out / 'quality.md'}, {opts.out / 'quality.json'}, {opts.out / 'quality.png'}")
+    return report
+
+
+def _report(
+    opts: QualityOptions, store: CellStore, skipped: dict[str, str], started: float, load_before: str
+) -> dict[str, Any]:
+    """Aggregate every cell of the requested seeds under ``opts.out`` and write the report files."""
     cells = [c for c in store.load_all() if c["seed"] in opts.seeds]
     report = {"meta": _meta(opts, skipped, started, load_before), "rows": aggregate(cells), "cells": cells}
     write_report(report, opts.out)
-    _log(f"report: {opts.out / 'quality.md'}, {opts.out / 'quality.json'}, {opts.out / 'quality.png'}")
     return report
