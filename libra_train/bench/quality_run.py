@@ -20,6 +20,7 @@ that machine-wide lock, so experiments that share a machine take turns instead o
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -126,9 +127,27 @@ def _log(text: str) -> None:
     print(f"[quality] {text}", flush=True)
 
 
-def _spec(model: list[str], data: Path, opts: QualityOptions, libra: dict[str, Any] | None) -> dict[str, Any]:
-    """What a cell's number depends on: the training arguments of its model, the questions, the merge config."""
-    return {"model": model, "data": str(data), "limit": opts.eval_limit, "libra": libra}
+def weights_fingerprint(model_dir: Path) -> str:
+    """SHA-256 (first 16 hex digits) of a model directory's weight files: a retrained model that differs from
+    the one a cell measured (training is not bitwise reproducible everywhere) makes that cell count as not done."""
+    digest = hashlib.sha256()
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} holds no weight files (*.safetensors, *.bin)")
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _spec(
+    model: list[str], weights: str, data: Path, opts: QualityOptions, libra: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What a cell's number depends on: the training arguments of its model and the full-token weights it
+    starts from, the questions, the merge config."""
+    return {"model": model, "weights": weights, "data": str(data), "limit": opts.eval_limit, "libra": libra}
 
 
 def training_free(
@@ -141,11 +160,15 @@ def training_free(
     methods: list[QualityMethod],
 ) -> None:
     """Step 2: the full-token model with full tokens and with every method at every ratio (missing cells only)."""
-    shape = llm_shape(export)
+    shape, weights = llm_shape(export), weights_fingerprint(export)
     todo = [(FULL, None, None)] + [
         (m.name, r, libra_kwargs(m, r, shape.num_layers)) for m in methods for r in opts.ratios
     ]
-    todo = [t for t in todo if not store.done(seed, "free", t[0], t[1], _spec(model_args, data, opts, t[2]))]
+    todo = [
+        t
+        for t in todo
+        if not store.done(seed, "free", t[0], t[1], _spec(model_args, weights, data, opts, t[2]))
+    ]
     if not todo:
         _log(f"seed {seed}: training-free cells done")
         return
@@ -171,7 +194,7 @@ def training_free(
             points = kwargs["layers"] if kwargs else []
             store.save(make_cell(
                 result, seed=seed, phase="free", method=name, ratio=ratio, points=points, shape=shape,
-                spec=_spec(model_args, data, opts, kwargs),
+                spec=_spec(model_args, weights, data, opts, kwargs),
             ))  # fmt: skip
             _log(f"seed {seed} training-free {name}{f' R={ratio:g}' if ratio else ''}: {result.accuracy:.1%}")
 
@@ -187,7 +210,7 @@ def compression_aware(
     """Step 3: a LoRA adaptation per main method (and with full tokens), each evaluated as it was trained."""
     from libra_train.bench.runs import evaluate_export
 
-    shape = llm_shape(export)
+    shape, weights = llm_shape(export), weights_fingerprint(export)
     seed_dir = opts.work / f"seed{seed}"
     adapted = [m for m in methods if m.aware and (opts.aware_methods is None or m.name in opts.aware_methods)]
     for method in [None, *adapted]:
@@ -198,7 +221,7 @@ def compression_aware(
             *_seeded(opts.lora_recipe, seed, opts.lora_overrides), f"model.path={export}",
             *recipe_overrides(kwargs), *QUIET, *_cap(opts.lora_max_steps), *opts.lora_overrides,
         ]  # fmt: skip
-        spec = _spec(args, data, opts, kwargs)
+        spec = _spec(args, weights, data, opts, kwargs)
         if store.done(seed, "aware", name, ratio, spec):
             continue
         run_dir = seed_dir / f"aware-{name}"

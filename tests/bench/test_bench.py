@@ -157,7 +157,10 @@ def test_compression_saves_fewer_activations_for_backward(tiny_run):
         libra = rows[f"libra R={r:g}"]
         assert libra["train_saved_for_backward_mib"] < full
         assert libra["train_ckpt_saved_for_backward_mib"] < libra["train_saved_for_backward_mib"]
-    assert rows["libra R=0.8"]["train_saved_for_backward_mib"] < rows["libra R=0.5"]["train_saved_for_backward_mib"]
+    assert (
+        rows["libra R=0.8"]["train_saved_for_backward_mib"]
+        < rows["libra R=0.5"]["train_saved_for_backward_mib"]
+    )
 
 
 def test_peak_memory_sees_an_allocation_inside_the_block():

@@ -193,3 +193,18 @@ def test_report_files(tmp_path):
     assert "| fastv R=0.8 | {0} | 36.0 | 0.700 | 60.7 ± " in md and "-9.3 ± " in md
     assert "Not measured (unknown to the installed LibraConfig): pdrop" in md
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_weights_fingerprint_follows_the_weight_files(tmp_path):
+    from libra_train.bench.quality_run import weights_fingerprint
+
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 1000)
+    (tmp_path / "config.json").write_text("{}")
+    first = weights_fingerprint(tmp_path)
+    (tmp_path / "config.json").write_text('{"other": 1}')  # not weights: same fingerprint
+    assert weights_fingerprint(tmp_path) == first and len(first) == 16
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 999 + b"\x01")  # a retrained model
+    assert weights_fingerprint(tmp_path) != first
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        weights_fingerprint(tmp_path / "empty")
