@@ -138,7 +138,7 @@ def run(cfg: RecipeConfig, env: DistEnv, supervisor: Supervisor) -> int:
         logger.log({"step": step, **result})
         logger.print(
             f"step {step}: eval loss {result['eval_loss']:.4f}, accuracy {100 * result['eval_accuracy']:.1f}% "
-            f"({result['eval_samples']} samples)"
+            f"({result['eval_samples']} samples{evaluate.format_per_type(result)})"
         )
         return result
 

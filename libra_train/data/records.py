@@ -9,7 +9,9 @@ mixed in one file:
   [{"type": "text", "text"} | {"type": "image"}]}], "images": [str] (optional)}``.
 
 Both become a `Record`: an id, a list of image paths and a list of ``(role, text)`` turns with roles
-``system`` / ``user`` / ``assistant`` and one ``<image>`` placeholder per image.
+``system`` / ``user`` / ``assistant`` and one ``<image>`` placeholder per image. An optional
+``"question_types": [str | null, ...]`` (one per answer, in order; the demo generator writes it) is carried
+along so that evaluations can report accuracy per question type; it never affects training.
 
 Why not `datasets.load_dataset("json")`: it does read LLaVA's mixed schemas (records with and without "image",
 "image" a string in some records and a list in others, int or str ids), but it types such mixed columns as
@@ -27,7 +29,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,8 @@ class Record:
             placeholders, one per entry of `images`, in order.
         source: the file the record came from (for error messages).
         index: its row in that file.
+        question_types: the type of each answer's question (``colour``, ``count``, ...; None = untyped), in the
+            order of the assistant turns; may be shorter than them, empty when the data says nothing.
     """
 
     id: str
@@ -103,6 +107,7 @@ class Record:
     turns: list[tuple[str, str]]
     source: str = ""
     index: int = -1
+    question_types: list[str | None] = field(default_factory=list)
 
 
 def _content_to_text(content: Any) -> str:
@@ -175,6 +180,15 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
             "no_labels",
             f"no assistant turn, so no {missing}; add a 'gpt' / 'assistant' turn after the question",
         )
+    qtypes = raw.get("question_types")
+    qtypes = [] if qtypes is None else qtypes
+    n_answers = sum(r == "assistant" for r, _ in chat)
+    if not isinstance(qtypes, list) or not all(t is None or isinstance(t, str) for t in qtypes):
+        raise fail("bad_format", f"'question_types' must be a list of strings (or null), got {qtypes!r}")
+    if len(qtypes) > n_answers:
+        raise fail(
+            "bad_format", f"{len(qtypes)} 'question_types' for {n_answers} answer(s): give one per answer"
+        )
     n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if n_placeholders != len(images):
         raise fail(
@@ -182,7 +196,7 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
             f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s); put exactly one "
             f"{IMAGE_PLACEHOLDER} in the text per image (LLaVA: '{IMAGE_PLACEHOLDER}\\n' before the first question)",
         )
-    return Record(sample_id, images, turns, source, index)
+    return Record(sample_id, images, turns, source, index, qtypes)
 
 
 FEATURES = datasets.Features(
@@ -192,6 +206,7 @@ FEATURES = datasets.Features(
         "roles": datasets.List(datasets.Value("string")),
         "texts": datasets.List(datasets.Value("string")),
         "index": datasets.Value("int64"),
+        "question_types": datasets.List(datasets.Value("string")),
         "reason": datasets.Value("string"),
         "error": datasets.Value("string"),
     }
@@ -272,9 +287,9 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
         purpose: ``training`` or ``evaluation``, for the wording of problems.
 
     Returns:
-        A dataset with columns ``id, images, roles, texts, index, reason, error``; rows that failed to
-        normalise (or JSONL lines that are not valid JSON) have a non-empty ``reason`` (a `DataError` code) and
-        ``error`` (its message).
+        A dataset with columns ``id, images, roles, texts, index, question_types, reason, error``; rows that
+        failed to normalise (or JSONL lines that are not valid JSON) have a non-empty ``reason`` (a `DataError`
+        code) and ``error`` (its message).
 
     Raises:
         FileNotFoundError: no such file.
@@ -302,6 +317,7 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
         columns["roles"].append([r for r, _ in rec.turns])
         columns["texts"].append([t for _, t in rec.turns])
         columns["index"].append(index)
+        columns["question_types"].append(rec.question_types)
         columns["reason"].append(reason)
         columns["error"].append(error)
     # Straight to Arrow: the columns hold plain strings, ints and lists of them, so `Dataset.from_dict`'s
@@ -312,7 +328,8 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
 
 def row_to_record(row: dict[str, Any], source: str = "") -> Record:
     """A row of `load_records`' dataset -> `Record`."""
-    return Record(row["id"], list(row["images"]), list(zip(row["roles"], row["texts"])), source, row["index"])
+    turns = list(zip(row["roles"], row["texts"]))
+    return Record(row["id"], list(row["images"]), turns, source, row["index"], list(row["question_types"]))
 
 
 def summarize_problems(errors: list[str], reasons: Counter, hint: str) -> str:
