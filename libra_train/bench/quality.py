@@ -114,8 +114,17 @@ def points_for(method: QualityMethod, num_layers: int) -> list[int]:
 
 
 def libra_kwargs(method: QualityMethod, ratio: float, num_layers: int) -> dict[str, Any]:
-    """`LibraConfig` keyword arguments of ``method`` at ``ratio`` (removed at every point)."""
-    return {**method.libra, "layers": points_for(method, num_layers), "ratio": ratio, "enabled": True}
+    """`LibraConfig` keyword arguments of ``method`` at ``ratio`` (removed at every point).
+
+    PyramidDrop keeps a fraction of the ORIGINAL count at each point (``keep_fractions``; its preset ignores
+    ``ratio``), so its budget is set as ``lambda = 1 - R``: ``keep_fractions = [(1 - R) ** k]``, the same
+    tokens per stage as the chained ratio rule of the other methods (up to its floor against their round).
+    """
+    points = points_for(method, num_layers)
+    kwargs = {**method.libra, "layers": points, "ratio": ratio, "enabled": True}
+    if method.libra.get("method") == "pdrop":
+        kwargs["keep_fractions"] = [round((1.0 - ratio) ** k, 12) for k in range(1, len(points) + 1)]
+    return kwargs
 
 
 def recipe_overrides(kwargs: dict[str, Any] | None) -> list[str]:
@@ -127,7 +136,7 @@ def recipe_overrides(kwargs: dict[str, Any] | None) -> list[str]:
     if kwargs is None:
         return ["libra.enabled=false"]
     out = []
-    for key in ("enabled", "method", "layers", "ratio", "select", "merge"):
+    for key in ("enabled", "method", "layers", "ratio", "select", "merge", "keep_fractions"):
         value = kwargs.get(key)
         out.append(f"libra.{key}={json.dumps(value)}")  # JSON is YAML: true, null, [0, 1], "fastv"
     return [o.replace(" ", "") for o in out]

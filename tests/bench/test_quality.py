@@ -90,8 +90,19 @@ def test_recipe_overrides_set_every_switch():
         "libra.ratio=0.8",
         "libra.select=null",
         'libra.merge="prune"',
+        "libra.keep_fractions=null",
     ]
     assert recipe_overrides(None) == ["libra.enabled=false"]
+
+
+def test_pdrop_follows_the_ratio_as_lambda():
+    """PyramidDrop's preset keeps 0.5 ** k whatever the ratio; at R its budget must be lambda = 1 - R (the
+    same tokens per stage as the chained ratio rule, up to its floor), or every R measures the same model."""
+    kwargs = {r: libra_kwargs(METHODS_BY_NAME["pdrop"], r, 4) for r in (0.5, 0.8)}
+    assert kwargs[0.5]["keep_fractions"] == pytest.approx([0.5, 0.25, 0.125])
+    assert kwargs[0.8]["keep_fractions"] == pytest.approx([0.2, 0.04, 0.008])
+    assert LibraConfig(**kwargs[0.8]).kept_fractions == pytest.approx([0.2, 0.04, 0.008])
+    assert "libra.keep_fractions=[0.2,0.04,0.008]" in recipe_overrides(kwargs[0.8])  # rounded: readable
 
 
 def test_a_method_the_plugin_does_not_know_is_reported_not_run():
