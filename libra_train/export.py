@@ -15,15 +15,21 @@ The merge config comes from, in order: the ``libra_config`` argument, the checkp
 or, for a full-token run (its recipe says ``libra.enabled: false``), that recipe's ``libra`` section (recorded
 disabled). Anything else is an error: an export without a merge config would silently run uncompressed.
 
-Nothing is written half-way: the export is built in a hidden temporary directory next to ``out`` and renamed.
+Nothing is written half-way: the export is built in a hidden directory next to ``out``
+(``.<name>.partial-<pid>-<id>``) and renamed; an export into a non-empty ``out`` first moves the old one aside
+(``.<name>.old-<pid>-<id>``). Such folders left by a killed export are cleaned up by the next export to the same
+``out`` (`clean_stale`). The export gets ordinary permissions (``0666 & ~umask`` for files, ``0777 & ~umask`` for
+folders), not the private 0700 / 0600 of temporary files.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,9 @@ __all__ = [
 
 RECIPE_NAMES = ("recipe.yaml", RECIPE_FILE, "recipe.yml")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+# A leftover without its writer's pid in the name (written by older versions) counts as stale after this long.
+STALE_AFTER_S = 3600
+logger = logging.getLogger(__name__)
 
 
 def is_deepspeed_checkpoint(path: Path) -> bool:
@@ -104,13 +113,30 @@ def _load_hf_directory(checkpoint: Path, dtype: Any = None) -> tuple[Any, Any, L
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself, or for a run's ``output_dir`` the newest checkpoint its ``latest`` pointer names."""
+    """``path`` itself, or for a run's ``output_dir`` the checkpoint its ``latest`` pointer names (the newest
+    complete one when ``latest`` is missing or names an incomplete checkpoint: those are never exported)."""
+    from libra_train.training.output_dir import (
+        checkpoint_problem,
+        checkpoints,
+        newest_complete,
+        read_latest,
+        step_of,
+    )
+
     path = Path(path)
-    pointer = path / "latest"
-    if pointer.is_file():
-        target = path / pointer.read_text().strip()
-        if (target / "trainer_state.json").is_file():  # DeepSpeed's own `latest` names global_stepN instead
-            return target
+    pointer = read_latest(path)
+    if (
+        pointer is not None and step_of(pointer) is None
+    ):  # DeepSpeed's own `latest` (global_stepN): a checkpoint
+        return path
+    if pointer is not None and checkpoint_problem(pointer) is None:
+        return pointer
+    if pointer is not None or checkpoints(path):  # a run's folder
+        newest = newest_complete(path)
+        if newest is None:
+            found = ", ".join(f"{p.name}: {checkpoint_problem(p)}" for p in checkpoints(path)) or "none"
+            raise FileNotFoundError(f"{path} holds no complete checkpoint to export ({found})")
+        return newest
     return path
 
 
@@ -183,8 +209,66 @@ def _check_out(checkpoint: Path, out: Path, overwrite: bool) -> None:
         )
 
 
+def _side_name(out: Path, kind: str) -> Path:
+    """``.<name>.<kind>-<pid>-<id>`` next to ``out``: the pid tells a leftover from a folder still in use."""
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _writer_alive(folder: Path) -> bool:
+    """Whether the export process named in a side folder's name may still be writing it."""
+    parts = folder.name.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit():
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    return time.time() - folder.stat().st_mtime < STALE_AFTER_S
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove what killed exports to ``out`` left next to it; put back an old export that was moved aside
+    when the new one never arrived. Returns what was done (also logged)."""
+    notes = []
+    for kind in ("old", "partial"):  # "old" first: it may have to become ``out`` again
+        for folder in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+            if not folder.is_dir() or _writer_alive(folder):
+                continue
+            if kind == "old" and not out.exists():
+                os.replace(folder, out)
+                notes.append(f"restored {out} from {folder.name}, left by an interrupted export")
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+                notes.append(f"removed {folder.name}, left by an interrupted export")
+    for note in notes:
+        logger.warning(note)
+    return notes
+
+
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc tells it; ``os.umask`` can only swap it)."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _ordinary_permissions(folder: Path) -> None:
+    """``0666 & ~umask`` for files and ``0777 & ~umask`` for folders, as ``open`` / ``mkdir`` make them: the
+    weights transformers writes through a private temporary file arrive as 0600, unreadable to other users."""
+    mask = _umask()
+    for path in [folder, *folder.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _commit(tmp: Path, out: Path) -> None:
-    backup = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}") if out.exists() else None
+    backup = _side_name(out, "old") if out.exists() else None
     if backup is not None:
         os.replace(out, backup)
     try:
@@ -260,7 +344,9 @@ def export_checkpoint(
         raise ValueError(f"the merge config does not fit the model of {checkpoint}: {err}") from err
     _strip_libra(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    clean_stale(out)
+    tmp = _side_name(out, "partial")
+    tmp.mkdir()
     try:
         lora = _write(tmp, model, processor, merge_lora, out)
         config_file = tmp / "config.json"
@@ -274,6 +360,7 @@ def export_checkpoint(
         (tmp / "README.md").write_text(card)
         if read_merge_config(tmp) != cfg:  # what a loader will read back
             raise RuntimeError(f"the merge config written to {tmp} does not read back as {cfg}")
+        _ordinary_permissions(tmp)
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

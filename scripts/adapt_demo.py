@@ -27,64 +27,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAINED = re.compile(r"trained (\d+) steps in ([\d.]+) s \(([\d.]+|nan) tokens/s\)")
-HELD_OUT = re.compile(r"held-out accuracy: ([\d.]+)%")
+from libra_train.bench.runs import evaluate_export, export_run, train_run
 
 
 def train(overrides: list[str], log: Path, reuse: bool, out_dir: Path) -> dict:
-    """Run ``train.py`` in a subprocess (its output teed to ``log``); return steps, seconds, tokens/s."""
-    summary = out_dir / "adapt_summary.json"
-    if reuse and summary.is_file() and (out_dir / "latest").is_file():
-        print(f"[adapt] reusing {out_dir}", flush=True)
-        return json.loads(summary.read_text())
-    shutil.rmtree(out_dir, ignore_errors=True)
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"train.output_dir={out_dir}"]
-    print("[adapt] " + " ".join(cmd[1:]), flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-        raise SystemExit(f"train.py failed (exit {proc.returncode}); log: {log}\n{tail}")
-    found = TRAINED.search(proc.stdout)
-    held_out = HELD_OUT.search(proc.stdout)
-    result = {
-        "steps": int(found.group(1)) if found else None,
-        "train_seconds": float(found.group(2)) if found else None,
-        "tokens_per_s": float(found.group(3)) if found else None,
-        "train_py_held_out_accuracy": float(held_out.group(1)) / 100 if held_out else None,
-        "wall_seconds": time.perf_counter() - start,
-    }
-    summary.write_text(json.dumps(result, indent=2) + "\n")
-    return result
-
-
-def export(run_dir: Path, out: Path, reuse: bool) -> Path:
-    from libra_train.export import export_checkpoint
-
-    if reuse and (out / "config.json").is_file():
-        return out
-    return export_checkpoint(run_dir, out, merge_lora=True, overwrite=True)
+    """``train.py`` in a subprocess (`libra_train.bench.runs.train_run`); steps, seconds, tokens/s."""
+    return train_run(overrides, out_dir, log, reuse=reuse, tag="adapt")
 
 
 def accuracy(export_dir: Path, data: Path, libra, limit: int | None, label: str) -> dict:
     """Generation accuracy of ``export_dir`` on ``data`` with the merge config ``libra`` (see infer.load)."""
-    from libra_train.infer import evaluate, load, load_qa, prompt_template
-
-    model, processor = load(export_dir, libra=libra)
-    result = evaluate(
-        model, processor, load_qa(data, limit=limit), template=prompt_template(export_dir),
-        image_folder=data.parent / "images", batch_size=32, label=label, progress=False,
-    )  # fmt: skip
+    result = evaluate_export(export_dir, data, libra, limit=limit, label=label)
     print(f"[adapt] {label}: {result.accuracy:.1%} ({result.correct}/{result.total})", flush=True)
     return {"label": label, "accuracy": result.accuracy, "correct": result.correct, "total": result.total,
             "visual_tokens": result.visual_tokens}  # fmt: skip
@@ -108,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. full-token training from scratch
     full = train(["recipe=demo_full", *quiet, *cap], work / "logs/full.log", args.reuse, work / "full")
     data = work / "full" / "demo_data"
-    full_export = export(work / "full", work / "exports/full", args.reuse)
+    full_export = export_run(work / "full", work / "exports/full", args.reuse)
 
     # 2. training-free: the full-token model with and without Libra at the budget
     libra = {"enabled": True, "method": "libra", "ratio": args.ratio}
@@ -134,12 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 4. the adapted model with the compression it was trained with
-    adapted_export = export(work / "lora_libra", work / "exports/lora_libra", args.reuse)
+    adapted_export = export_run(work / "lora_libra", work / "exports/lora_libra", args.reuse)
     results.append(
         accuracy(adapted_export, data / "val.json", None, args.eval_limit,
                  f"LoRA-adapted with Libra R={args.ratio:g}, Libra R={args.ratio:g}")
     )  # fmt: skip
-    twin_export = export(work / "lora_full", work / "exports/lora_full", args.reuse)
+    twin_export = export_run(work / "lora_full", work / "exports/lora_full", args.reuse)
     results.append(
         accuracy(twin_export, data / "val.json", "off", args.eval_limit, "LoRA-adapted with full tokens, full tokens")
     )  # fmt: skip

@@ -77,6 +77,9 @@ def run(args: argparse.Namespace) -> list[StepResult]:
     methods = {
         "full": None,
         "fastv": LibraConfig(method="fastv", layers=[args.fastv_point], ratio=args.ratio),
+        # FastV's pruning at Libra's points and ratio: the same targets per stage, so Libra's merge and
+        # compensation token are the only difference (the equal-budget comparison).
+        "fastv-q": LibraConfig(method="fastv", layers=quarter_points(args.layers), ratio=args.ratio),
         "libra": LibraConfig(method="libra", layers=quarter_points(args.layers), ratio=args.ratio),
     }
     results: list[StepResult] = []
@@ -138,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", type=int, default=93)  # instruction + answer: 35 + 576 + 93 = 704 tokens
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--fastv-point", type=int, help="FastV's point (default: bench.compare.fastv_point)")
-    parser.add_argument("--methods", default="full,fastv,libra")
+    parser.add_argument("--methods", default="full,fastv,fastv-q,libra", help="from full,fastv,fastv-q,libra")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)

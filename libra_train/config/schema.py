@@ -142,10 +142,16 @@ class TrainConfig:
         precision: ``bf16`` | ``fp16`` | ``fp32`` (DeepSpeed's bf16/fp16 switches).
         gradient_checkpointing: recompute activations in the backward pass.
         save_steps: save a checkpoint every this many optimizer steps (None = only at the end).
-        save_total_limit: keep at most this many step checkpoints (None = all).
+        save_total_limit: keep at most this many step checkpoints (None = all). A save needs disk room for one
+            more while the new one is written: the oldest is deleted only once the new one is complete.
         eval_steps: evaluate every this many optimizer steps (None = only at the end, if ``data.eval``).
         output_dir: checkpoints, logs and the resolved recipe go here.
-        resume: None | ``latest`` (the newest checkpoint in ``output_dir``) | a checkpoint directory.
+        resume: None | ``latest`` (the newest checkpoint in ``output_dir``) | a checkpoint directory. A fresh
+            run (None) into an ``output_dir`` that holds checkpoints is refused unless ``overwrite_output_dir``.
+        resume_allow_changes: recipe keys (or sections, e.g. ``libra``) a resume may change; any other difference
+            from the checkpoint's recipe is refused (``[train.lr,train.max_steps]``).
+        overwrite_output_dir: let a fresh run delete the checkpoints, ``latest`` and ``log.jsonl`` an earlier run
+            left in ``output_dir``.
         deepspeed: ``zero2`` | ``zero3`` | ``zero3_offload`` (``recipes/deepspeed/<name>.json``) or a path
             to a DeepSpeed JSON whose ``"auto"`` values are filled from this recipe.
     """
@@ -167,6 +173,8 @@ class TrainConfig:
     eval_steps: int | None = None
     output_dir: str = "outputs/${recipe_name}"
     resume: str | None = None
+    resume_allow_changes: list[str] = field(default_factory=list)
+    overwrite_output_dir: bool = False
     deepspeed: str = "zero3"
 
 

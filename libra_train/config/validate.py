@@ -141,6 +141,11 @@ def _check_train(cfg: RecipeConfig, errors: list[str], world_size: int) -> None:
         errors.append(
             f"train.resume must be null, 'latest' or an existing checkpoint directory, got {t.resume!r}"
         )
+    if t.overwrite_output_dir and t.resume is not None:
+        errors.append(
+            f"train.overwrite_output_dir=true deletes the checkpoints that train.resume={t.resume} would continue; "
+            "drop one of them"
+        )
     if t.deepspeed not in BUNDLED_DEEPSPEED:
         try:
             resolve_deepspeed(t.deepspeed)

@@ -13,7 +13,9 @@ mixed in one file:
 
 Both become a `Record`: an id, a list of image paths, a list of videos (each a list of frame files, or one
 video file) and a list of ``(role, text)`` turns with roles ``system`` / ``user`` / ``assistant`` and one
-``<image>`` placeholder per image, one ``<video>`` per video.
+``<image>`` placeholder per image, one ``<video>`` per video. An optional
+``"question_types": [str | null, ...]`` (one per answer, in order; the demo generator writes it) is carried
+along so that evaluations can report accuracy per question type; it never affects training.
 
 Why not `datasets.load_dataset("json")`: it does read LLaVA's mixed schemas (records with and without "image",
 "image" a string in some records and a list in others, int or str ids), but it types such mixed columns as
@@ -104,6 +106,8 @@ class Record:
             placeholders, one per entry of `images`, in order.
         source: the file the record came from (for error messages).
         index: its row in that file.
+        question_types: the type of each answer's question (``colour``, ``count``, ...; None = untyped), in the
+            order of the assistant turns; may be shorter than them, empty when the data says nothing.
         videos: one entry per ``<video>`` placeholder, in order: the frame image paths of the video, or a
             one-element list holding a video file (see `is_video_file`).
     """
@@ -113,6 +117,7 @@ class Record:
     turns: list[tuple[str, str]]
     source: str = ""
     index: int = -1
+    question_types: list[str | None] = field(default_factory=list)
     videos: list[list[str]] = field(default_factory=list)
 
 
@@ -202,6 +207,15 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
             "no_labels",
             f"no assistant turn, so no {missing}; add a 'gpt' / 'assistant' turn after the question",
         )
+    qtypes = raw.get("question_types")
+    qtypes = [] if qtypes is None else qtypes
+    n_answers = sum(r == "assistant" for r, _ in chat)
+    if not isinstance(qtypes, list) or not all(t is None or isinstance(t, str) for t in qtypes):
+        raise fail("bad_format", f"'question_types' must be a list of strings (or null), got {qtypes!r}")
+    if len(qtypes) > n_answers:
+        raise fail(
+            "bad_format", f"{len(qtypes)} 'question_types' for {n_answers} answer(s): give one per answer"
+        )
     n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
     if n_placeholders != len(images):
         raise fail(
@@ -216,7 +230,7 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
             f"{n_videos} {VIDEO_PLACEHOLDER} placeholder(s) but {len(videos)} video(s); put exactly one "
             f"{VIDEO_PLACEHOLDER} in the text per video ('{VIDEO_PLACEHOLDER}\\n' before the question)",
         )
-    return Record(sample_id, images, turns, source, index, videos)
+    return Record(sample_id, images, turns, source, index, qtypes, videos)
 
 
 FEATURES = datasets.Features(
@@ -227,6 +241,7 @@ FEATURES = datasets.Features(
         "roles": datasets.List(datasets.Value("string")),
         "texts": datasets.List(datasets.Value("string")),
         "index": datasets.Value("int64"),
+        "question_types": datasets.List(datasets.Value("string")),
         "reason": datasets.Value("string"),
         "error": datasets.Value("string"),
     }
@@ -307,9 +322,9 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
         purpose: ``training`` or ``evaluation``, for the wording of problems.
 
     Returns:
-        A dataset with columns ``id, images, videos, roles, texts, index, reason, error``; rows that failed to
-        normalise (or JSONL lines that are not valid JSON) have a non-empty ``reason`` (a `DataError` code) and
-        ``error`` (its message).
+        A dataset with columns ``id, images, videos, roles, texts, index, question_types, reason, error``; rows
+        that failed to normalise (or JSONL lines that are not valid JSON) have a non-empty ``reason`` (a
+        `DataError` code) and ``error`` (its message).
 
     Raises:
         FileNotFoundError: no such file.
@@ -338,6 +353,7 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
         columns["roles"].append([r for r, _ in rec.turns])
         columns["texts"].append([t for _, t in rec.turns])
         columns["index"].append(index)
+        columns["question_types"].append(rec.question_types)
         columns["reason"].append(reason)
         columns["error"].append(error)
     # Straight to Arrow: the columns hold plain strings, ints and lists of them, so `Dataset.from_dict`'s
@@ -348,9 +364,10 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
 
 def row_to_record(row: dict[str, Any], source: str = "") -> Record:
     """A row of `load_records`' dataset -> `Record`."""
+    turns = list(zip(row["roles"], row["texts"]))
     videos = [list(v) for v in row.get("videos") or []]
     return Record(
-        row["id"], list(row["images"]), list(zip(row["roles"], row["texts"])), source, row["index"], videos
+        row["id"], list(row["images"]), turns, source, row["index"], list(row["question_types"]), videos
     )
 
 

@@ -1,9 +1,13 @@
 """Short-answer evaluation: a QA file -> batched greedy generation -> accuracy, latency and peak memory.
 
 Input files: LLaVA / HF-messages conversations (``.json`` or ``.jsonl``; the demo's ``val.json``), or JSON
-lines of ``{"question", "answer" | "answers", "image" (optional), "id" (optional)}``. A conversation is scored
-on its first answer, as the training loop's evaluation does; with ``all_turns`` every answer is one example,
-asked with the turns before it (gold answers included) as context.
+lines of ``{"question", "answer" | "answers", "image" (optional), "id" (optional), "question_type"
+(optional)}``. A conversation is scored on its first answer, as the training loop's evaluation does; with
+``all_turns`` every answer is one example, asked with the turns before it (gold answers included) as context.
+
+Accuracy per question type: the type comes from the data (a conversation's ``question_types``, one per answer,
+which the demo generator writes; a QA line's ``question_type``), never from the question's wording. Examples
+without a type count in the overall accuracy only.
 
 Measurements (ToMe's ``benchmark`` discipline: a warm-up call discarded, the device synchronised before the
 clock is read): *latency* is the wall time of the ``generate`` calls divided by the number of examples
@@ -30,7 +34,16 @@ from libra_train.inference.answers import is_correct
 from libra_train.inference.generation import Query, generate
 from libra_train.training.evaluate import MAX_NEW_TOKENS
 
-__all__ = ["EvalResult", "PeakMemory", "QAExample", "check_images", "evaluate", "format_table", "load_qa"]
+__all__ = [
+    "EvalResult",
+    "PeakMemory",
+    "QAExample",
+    "check_images",
+    "evaluate",
+    "format_by_type",
+    "format_table",
+    "load_qa",
+]
 
 
 @dataclass
@@ -54,8 +67,11 @@ def _qa_line(raw: dict[str, Any], index: int, path: Path) -> QAExample:
     image = raw.get("image")
     if image is not None and not isinstance(image, str):
         raise ValueError(f"{path}, record {index} ({sample_id!r}): 'image' must be one path")
+    qtype = raw.get("question_type")
+    if qtype is not None and not isinstance(qtype, str):
+        raise ValueError(f"{path}, record {index} ({sample_id!r}): 'question_type' must be a string")
     query = Query.single(raw["question"], image, sample_id)
-    return QAExample(query, list(answers), raw.get("question_type"))
+    return QAExample(query, list(answers), qtype)
 
 
 def load_qa(path: str | os.PathLike, limit: int | None = None, all_turns: bool = False) -> list[QAExample]:
@@ -83,7 +99,7 @@ def load_qa(path: str | os.PathLike, limit: int | None = None, all_turns: bool =
             examples.append(_qa_line(raw, index, path))
             continue
         record = normalize_record(raw, index, str(path), "evaluation")  # DataError names sample and file
-        qtypes = raw.get("question_types") or []
+        qtypes = record.question_types
         answer_turns = [k for k, (role, _) in enumerate(record.turns) if role == "assistant"]
         answer_turns = answer_turns if all_turns else answer_turns[:1]
         for j, k in enumerate(answer_turns):
@@ -123,10 +139,24 @@ class EvalResult:
     seconds: float  # generate wall time over all examples
     memory: PeakMemory
     visual_tokens: list[float] = field(default_factory=list)  # mean visual tokens per stage (image examples)
+    scores: list[bool] = field(default_factory=list)  # per example, in order: correct or not
+    question_types: list[str | None] = field(default_factory=list)  # per example: from the data, or None
+    text_tokens: float = 0.0  # mean prompt tokens that are not visual (image examples), for FLOPs models
 
     @property
     def accuracy(self) -> float:
         return self.correct / self.total if self.total else 0.0
+
+    @property
+    def by_type(self) -> dict[str, tuple[int, int]]:
+        """``{question type: (correct, total)}`` over the typed examples, types sorted by name."""
+        counts: dict[str, list[int]] = {}
+        for qtype, ok in zip(self.question_types, self.scores):
+            if qtype is not None:
+                c = counts.setdefault(qtype, [0, 0])
+                c[0] += ok
+                c[1] += 1
+        return {t: (c[0], c[1]) for t, c in sorted(counts.items())}
 
     @property
     def latency(self) -> float:
@@ -173,7 +203,7 @@ def evaluate(
     kwargs = {"template": template, "image_folder": image_folder, "max_new_tokens": max_new_tokens}
     if warmup and batches:
         generate(model, processor, [ex.query for ex in batches[0]], **kwargs)
-    predictions, visual, seconds, correct = [], [], 0.0, 0
+    predictions, scores, visual, text, seconds = [], [], [], [], 0.0
     with (
         PeakMemory(device) as memory,
         tqdm(total=len(examples), desc=label, unit="ex", disable=not progress) as bar,
@@ -186,28 +216,38 @@ def evaluate(
             seconds += time.perf_counter() - start
             for ex, out in zip(batch, outputs):
                 predictions.append(out.text)
-                correct += is_correct(out.text, ex.answers)
+                scores.append(is_correct(out.text, ex.answers))
                 if out.visual_tokens:
                     visual.append(out.visual_tokens)
+                    text.append(out.prompt_tokens - out.visual_tokens[0])
             bar.update(len(batch))
-            bar.set_postfix(acc=f"{correct / len(predictions):.3f}")
+            bar.set_postfix(acc=f"{sum(scores) / len(predictions):.3f}")
     depth = max((len(v) for v in visual), default=0)
     visual = [v for v in visual if len(v) == depth]
     means = [sum(v[s] for v in visual) / len(visual) for s in range(depth)]
-    return EvalResult(label, correct, len(examples), predictions, seconds, memory, means)
+    return EvalResult(
+        label, sum(scores), len(examples), predictions, seconds, memory, means, scores,
+        [ex.question_type for ex in examples], sum(text) / len(text) if text else 0.0,
+    )  # fmt: skip
+
+
+def format_by_type(result: EvalResult) -> str:
+    """``colour 80.0% (40/50), count ...`` for the typed examples; ``-`` when the data gives no types."""
+    parts = [f"{t} {c / n:.1%} ({c}/{n})" for t, (c, n) in result.by_type.items()]
+    return ", ".join(parts) or "-"
 
 
 def format_table(results: list[EvalResult]) -> str:
     """The results side by side as a Markdown table."""
     lines = [
-        "| config | accuracy | latency / example | peak memory | visual tokens per stage |",
-        "|---|---|---|---|---|",
+        "| config | accuracy | per question type | latency / example | peak memory | visual tokens per stage |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         memory = f"{r.memory.peak_mib:.0f} MiB ({r.memory.label}; {r.memory.start_mib:.0f} at start)"
         tokens = " -> ".join(f"{t:g}" for t in (round(v, 1) for v in r.visual_tokens)) or "-"
         lines.append(
-            f"| {r.label} | {r.accuracy:.1%} ({r.correct}/{r.total}) | {r.latency * 1e3:.1f} ms "
+            f"| {r.label} | {r.accuracy:.1%} ({r.correct}/{r.total}) | {format_by_type(r)} | {r.latency * 1e3:.1f} ms "
             f"| {memory} | {tokens} |"
         )
     return "\n".join(lines)

@@ -69,11 +69,13 @@ class Generation:
         token_ids: generated ids up to and including the end-of-sequence token.
         visual_tokens: visual tokens of this sample per compression stage (stage 0 = all of them, then after
             each point; one entry without compression; empty for a text-only query).
+        prompt_tokens: tokens of the prompt before compression (padding excluded), visual ones included.
     """
 
     text: str
     token_ids: list[int]
     visual_tokens: list[int]
+    prompt_tokens: int = 0
 
 
 def find_runtime(model: nn.Module) -> Any:
@@ -198,10 +200,11 @@ def generate(
     new = output[:, inputs["input_ids"].shape[1] :].cpu()  # [B, T]: left padding, every prompt ends here
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    prompt_tokens = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).sum(1).tolist()  # [B]
     results = []
     for b, counts in enumerate(visual_counts(model, runtime, inputs["input_ids"].cpu())):
         ids = new[b].tolist()
         cut = next((i + 1 for i, t in enumerate(ids) if t in eos), len(ids))
         text = tokenizer.decode(ids[:cut], skip_special_tokens=True).strip()
-        results.append(Generation(text, ids[:cut], counts))
+        results.append(Generation(text, ids[:cut], counts, int(prompt_tokens[b])))
     return results

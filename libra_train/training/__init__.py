@@ -9,6 +9,10 @@
 * `loop`: the loss step and the step loop;
 * `evaluate`: held-out loss and short-answer accuracy;
 * `checkpoint`: atomic save, resume, and `load_trained_model` (a consolidated model for inference);
+* `output_dir`: the run's folder: lock, kill-safe replace / delete of checkpoints, clean-up, disk space;
+* `resume`: what a resume may change (recipe diff, structure), the restored lr schedule;
+* `supervise`: errors on any rank end every rank; SIGTERM / Ctrl-C stop at a step boundary;
+* `faults`: test-only fault points (``LIBRA_TRAIN_FAULT``);
 * `metrics`: JSONL, progress bar, wandb, TensorBoard.
 
 Submodules are imported on first use (``import libra_train.training`` stays light).

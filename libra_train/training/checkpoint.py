@@ -13,9 +13,14 @@ Layout of ``<output_dir>/checkpoint-<step>/``::
     adapter/                 LoRA only: the peft adapter (``PeftModel.from_pretrained``)
     non_lora_trainables.safetensors   LoRA only: the other trained weights (projector, ...), base-model names
 
-Atomicity: everything is written into ``<output_dir>/.tmp-step-<step>``, which is renamed to
-``checkpoint-<step>`` (``os.replace``) once complete; ``<output_dir>/latest`` (the name of the newest complete
-checkpoint) is replaced last. A crash leaves at worst a ``.tmp-step-*`` folder that nothing reads.
+``trainer_state.json`` also records the run's structure (ZeRO stage, precision, trainable parameter shapes: a
+resume must match them), the history of resumes with changed recipe values, and the name and size of every
+file of the folder (how a complete checkpoint is told from a half-written or half-deleted one).
+
+Atomicity: everything is written into ``<output_dir>/.tmp-step-<step>``, which becomes ``checkpoint-<step>``
+by a rename once complete; ``latest`` (the name of the newest complete checkpoint) is replaced after that, and
+checkpoints are deleted only after that. What each phase leaves behind if the process dies there, and how the
+next start cleans it up: `libra_train.training.output_dir`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +39,29 @@ from torch import nn
 
 from libra_train.config import RecipeConfig, load_recipe, save_recipe
 from libra_train.plugin import LibraConfig
-from libra_train.training.dist import DistEnv, barrier
+from libra_train.training import faults
+from libra_train.training.dist import DistEnv, barrier, on_main
+from libra_train.training.output_dir import (
+    LATEST,
+    TMP_PREFIX,
+    TRAINER_STATE,
+    CheckpointError,
+    checkpoint_bytes,
+    checkpoint_problem,
+    checkpoints,
+    delete_checkpoint,
+    manifest,
+    move_into_place,
+    newest_complete,
+    prune,
+    read_latest,
+    read_state,
+    space_problem,
+    write_failure,
+    write_latest,
+)
+from libra_train.training.resume import ResumeError, structure_problems, trainable_shapes
 
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
 NON_LORA = "non_lora_trainables.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -102,6 +126,40 @@ def _save_lora(model: nn.Module, trainable: dict[str, torch.Tensor], directory: 
     save_file(rest, str(directory / NON_LORA))
 
 
+def estimated_bytes(model: nn.Module, previous: Path | None = None) -> int:
+    """About how much disk a checkpoint of ``model`` takes: the size of ``previous`` (the same run's last
+    checkpoint) when there is one, else the weights in their dtype plus 12 bytes per trainable parameter
+    (DeepSpeed's fp32 master copy and the two AdamW moments), plus 5%."""
+    if previous is not None and checkpoint_problem(previous) is None:
+        return checkpoint_bytes(previous)
+    weights = trainable = 0
+    for param in model.parameters():
+        n = getattr(param, "ds_numel", param.numel())
+        weights += n * param.element_size()
+        trainable += 12 * n if param.requires_grad else 0
+    return int(1.05 * (weights + trainable))
+
+
+def check_space(engine: Any, cfg: RecipeConfig, what: str) -> int:
+    """Refuse to write ``what`` when it does not fit on the output disk (rank 0 measures, every rank raises);
+    returns the estimate in bytes.
+
+    Raises:
+        CheckpointError: with the path, the space needed and the space free.
+    """
+    out = Path(cfg.train.output_dir)
+
+    def measure() -> int:
+        found = checkpoints(out)
+        needed = estimated_bytes(engine.module, found[-1] if found else None)
+        problem = space_problem(out, needed, what)
+        if problem is not None:
+            raise CheckpointError(problem)
+        return needed
+
+    return on_main(measure)
+
+
 def save_checkpoint(
     engine: Any,
     cfg: RecipeConfig,
@@ -109,95 +167,145 @@ def save_checkpoint(
     processor: Any,
     libra: LibraConfig | None,
     dist: DistEnv,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<state.step>`` (every rank calls this) and return its path."""
+    """Write ``checkpoint-<state.step>`` (every rank calls this) and return its path.
+
+    Order (see `libra_train.training.output_dir` for what each phase leaves behind if the process dies there):
+    check the free space; every rank writes its DeepSpeed shards and RNG state into ``.tmp-step-<step>``; rank 0
+    adds the recipe, processor, merge config and LoRA files, then ``trainer_state.json`` with the list of every
+    file (this makes the folder complete); the folder is renamed to ``checkpoint-<step>`` (exchanged with the
+    old one when the step was saved before), ``latest`` is pointed at it, and only then the replaced and the
+    pruned checkpoints are deleted.
+
+    Args:
+        meta: extra ``trainer_state.json`` entries (structure of the run, resume history).
+
+    Raises:
+        CheckpointError: not enough free space (nothing written), or the write failed (the partial folder is
+            removed, ``latest`` is unchanged).
+    """
     out = Path(cfg.train.output_dir)
-    tmp, final = out / f".tmp-step-{state.step}", out / f"checkpoint-{state.step}"
+    tmp, final = out / f"{TMP_PREFIX}{state.step}", out / f"checkpoint-{state.step}"
+    needed = check_space(engine, cfg, final.name)
     if dist.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=tag(state.step))
-    torch.save(rng_state(), tmp / f"rng_state_{dist.rank}.pth")
-    trainable = gather_trainable(engine.module) if cfg.lora.enabled else None
-    barrier()
+    try:
+        faults.point("save:begin", step=state.step, path=tmp)
+        engine.save_checkpoint(str(tmp), tag=tag(state.step))
+        torch.save(rng_state(), tmp / f"rng_state_{dist.rank}.pth")
+        trainable = gather_trainable(engine.module) if cfg.lora.enabled else None
+        faults.point("save:engine", step=state.step)
+        barrier()
+        if dist.is_main:
+            if trainable is not None:
+                _save_lora(engine.module, trainable, tmp)
+            save_recipe(cfg, tmp / "recipe.yaml")
+            processor.save_pretrained(str(tmp))
+            if libra is not None and libra.enabled:
+                libra.save_pretrained(tmp)
+            record = {**asdict(state), **(meta or {}), "files": manifest(tmp)}
+            (tmp / TRAINER_STATE).write_text(
+                json.dumps(record, indent=2) + "\n"
+            )  # last: the folder is complete
+    except Exception as exc:
+        free = shutil.disk_usage(out).free
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(exc, out, final.name, needed, free) from exc
     if dist.is_main:
-        if trainable is not None:
-            _save_lora(engine.module, trainable, tmp)
-        save_recipe(cfg, tmp / "recipe.yaml")
-        processor.save_pretrained(str(tmp))
-        if libra is not None and libra.enabled:
-            libra.save_pretrained(tmp)
-        (tmp / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2) + "\n")
-        if final.exists():  # the same step saved again (a resumed run): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(out, final.name)
-        _prune(out, cfg.train.save_total_limit, keep=final)
+        faults.point("save:written", step=state.step)
+        replaced = move_into_place(tmp, final)
+        faults.point("save:swapped", step=state.step)
+        write_latest(out, final.name)
+        faults.point("save:latest", step=state.step)
+        if replaced is not None:
+            delete_checkpoint(replaced)
+        prune(out, cfg.train.save_total_limit, keep=final)
     barrier()
     return final
 
 
-def _write_latest(out: Path, name: str) -> None:
-    tmp = out / f"{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, out / LATEST)
-
-
-def _prune(out: Path, limit: int | None, keep: Path) -> None:
-    """Delete the oldest ``checkpoint-*`` beyond ``limit`` (never ``keep``)."""
-    if not limit:
-        return
-    found = sorted(
-        (p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for path in [p for p in found if p != keep][: max(0, len(found) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def resolve_resume(cfg: RecipeConfig) -> Path | None:
-    """The checkpoint ``train.resume`` names: None, ``latest`` (``<output_dir>/latest``) or a directory.
+    """The complete checkpoint ``train.resume`` names: None, ``latest`` or a checkpoint directory.
 
-    ``latest`` with no checkpoint yet means a fresh start (so a restart script can always pass it).
+    ``latest`` is ``<output_dir>/latest``; without that file (or when it names a checkpoint that is not
+    complete) the newest complete ``checkpoint-*`` is taken, and with no checkpoint at all the run starts
+    fresh (so a restart script can always pass it).
+
+    Raises:
+        ResumeError: an explicit checkpoint that is not complete (half-deleted, interrupted save).
     """
     resume = cfg.train.resume
     if resume is None:
         return None
+    out = Path(cfg.train.output_dir)
     if resume == LATEST:
-        pointer = Path(cfg.train.output_dir) / LATEST
-        if not pointer.is_file():
-            return None
-        path = Path(cfg.train.output_dir) / pointer.read_text().strip()
-    else:
-        path = Path(resume)
-    if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
-            f"train.resume={resume!r}: {path} is not a complete checkpoint (no {TRAINER_STATE})"
+        pointer = read_latest(out)
+        if pointer is not None and checkpoint_problem(pointer) is None:
+            return pointer
+        return newest_complete(out)
+    path = Path(resume)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ResumeError(
+            f"train.resume={resume}: {path} is not a complete checkpoint ({problem}). Resume from a complete one "
+            "(train.resume=latest takes the newest complete checkpoint of train.output_dir)"
         )
     return path
 
 
-def restore(engine: Any, path: Path, expected: TrainState, dist: DistEnv) -> TrainState:
+def run_structure(engine: Any, zero_stage: int, precision: str) -> dict[str, Any]:
+    """What a checkpoint of this run records about its structure (besides the batch layout of `TrainState`),
+    and what a resume must match."""
+    return {
+        "zero_stage": zero_stage,
+        "precision": precision,
+        "trainable": trainable_shapes(engine.module),
+    }
+
+
+def restore(
+    engine: Any, path: Path, expected: TrainState, dist: DistEnv, structure: dict[str, Any]
+) -> tuple[TrainState, dict[str, Any]]:
     """Load engine state, RNG states and the data position from checkpoint ``path``.
 
     Args:
-        expected: the current run's batch layout; a resume with another one is refused, because the saved
-            position in the epoch counts this layout's micro-batches.
+        expected: the current run's batch layout.
+        structure: `run_structure` of this run; the checkpoint must match it (checked before DeepSpeed reads a
+            byte, so a mismatch is one paragraph and not a state_dict traceback).
+
+    Returns:
+        The restored `TrainState` and the checkpoint's whole ``trainer_state.json``.
+
+    Raises:
+        ResumeError: the checkpoint does not fit this run.
     """
-    state = TrainState(**json.loads((path / TRAINER_STATE).read_text()))
-    layout = ("world_size", "micro_batch_size", "accumulation")
-    if any(getattr(state, k) != getattr(expected, k) for k in layout):
-        saved = {k: getattr(state, k) for k in layout}
-        now = {k: getattr(expected, k) for k in layout}
-        raise ValueError(
-            f"{path} was saved with {saved}; this run has {now}: resume with the same batch layout"
+    saved = read_state(path) or {}
+    known = {f.name for f in fields(TrainState)}
+    state = TrainState(**{k: v for k, v in saved.items() if k in known})
+    problems = structure_problems(saved, {**structure, **asdict(expected)})
+    if problems:
+        raise ResumeError(
+            f"cannot resume {path}: "
+            + "; ".join(problems)
+            + ". Resume it with the settings it was saved with "
+            f"(its recipe: {path / 'recipe.yaml'}), or start a new run in another train.output_dir"
         )
-    loaded, _ = engine.load_checkpoint(str(path), tag=tag(state.step))
+    try:
+        loaded, _ = engine.load_checkpoint(str(path), tag=tag(state.step))
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ResumeError(
+            f"DeepSpeed could not load {path / tag(state.step)} into this run ({type(exc).__name__}: {first}); "
+            f"the checkpoint does not fit this model or optimizer. Resume it with its own recipe "
+            f"({path / 'recipe.yaml'})"
+        ) from exc
     if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load {path / tag(state.step)}")
+        raise ResumeError(f"DeepSpeed found no checkpoint in {path / tag(state.step)}")
     set_rng_state(torch.load(path / f"rng_state_{dist.rank}.pth", weights_only=False))
-    return state
+    return state, saved
 
 
 def load_trained_model(
@@ -230,6 +338,9 @@ def load_trained_model(
     from libra_train.training.setup import add_lora, build_base_model
 
     path = Path(checkpoint_dir)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise FileNotFoundError(f"{path} is not a complete training checkpoint: {problem}")
     cfg = load_recipe(path / "recipe.yaml", ["train.resume=null"])
     model, _ = build_base_model(cfg)
     processor = AutoProcessor.from_pretrained(str(path), local_files_only=True)

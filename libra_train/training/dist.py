@@ -4,6 +4,9 @@
 nothing, and ``deepspeed.initialize`` then looks for mpi4py. `init_distributed` fills single-process defaults
 so both launches take the same path, and opens the process group (gloo on CPU, NCCL on GPU) through
 ``deepspeed.init_distributed``.
+
+Control messages (the stop vote at every step boundary, decisions rank 0 takes for all) go through a gloo group:
+on GPU a CPU all-reduce of a few integers costs no device synchronisation.
 """
 
 from __future__ import annotations
@@ -11,10 +14,17 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as torch_dist
+
+T = TypeVar("T")
+_control_group: Any = (
+    None  # a gloo group for control messages when the main group is NCCL (None: the main group)
+)
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,9 @@ def init_distributed(local_rank: int | None = None) -> DistEnv:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    global _control_group
+    if cuda and torch_dist.get_world_size() > 1:
+        _control_group = torch_dist.new_group(backend="gloo")
     return DistEnv(torch_dist.get_rank(), local, torch_dist.get_world_size(), device)
 
 
@@ -113,6 +126,40 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     torch_dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_ints(value: int) -> list[int]:
+    """Every rank's ``value``, in rank order (a CPU all-reduce over the control group; ``[value]`` alone)."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return [value]
+    box = torch.zeros(torch_dist.get_world_size(), dtype=torch.int64)
+    box[torch_dist.get_rank()] = value
+    torch_dist.all_reduce(box, group=_control_group)
+    return box.tolist()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its exception.
+
+    For decisions that touch shared files (the folder lock, clean-up, which checkpoint to resume): one rank
+    takes them, and all ranks take the same branch afterwards, so none waits in a collective that the others
+    skipped. The result and the exception must pickle.
+    """
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return fn()
+    outcome: tuple[bool, Any] = (True, None)
+    if torch_dist.get_rank() == 0:
+        try:
+            outcome = (True, fn())
+        except Exception as exc:  # re-raised below, on every rank
+            outcome = (False, exc)
+    box = [outcome]
+    torch_dist.broadcast_object_list(box, src=0, group=_control_group)
+    ok, value = box[0]
+    if not ok:
+        value.libra_raised_on_every_rank = True  # see supervise.raised_on_every_rank
+        raise value
+    return value
 
 
 def cleanup() -> None:

@@ -8,6 +8,10 @@
   the prefill when applied), greedily generates a few tokens; the first word of the first line, lower-cased and
   stripped of punctuation, must equal that of the reference (the first answer). Multi-turn samples are scored on
   their first answer only.
+* Accuracy per question type: the type of a sample's first answer as the data gives it (the records'
+  ``question_types``, which the demo generator writes; see ``libra_train.data.records``); untyped samples count
+  in the overall accuracy only. The types are those of the whole split, sorted, so every rank reduces the same
+  vector.
 """
 
 from __future__ import annotations
@@ -91,11 +95,16 @@ def evaluate(
         synced_gpus: ZeRO-3 with several ranks: keep generating until every rank is done.
 
     Returns:
-        ``eval_loss``, ``eval_accuracy`` (fraction) and ``eval_samples``.
+        ``eval_loss``, ``eval_accuracy`` (fraction) and ``eval_samples``; for each question type ``T`` found in
+        the split with at least one evaluated sample, ``eval_accuracy/T`` and ``eval_samples/T``.
     """
     model.eval()
     tokenizer = processor.tokenizer
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, supervised tokens, correct, samples
+    types = first_question_types(dataset)
+    names = sorted({t for t in types if t is not None})
+    slot = {t: 4 + 2 * k for k, t in enumerate(names)}  # type -> index of its (correct, samples) pair
+    # loss sum, supervised tokens, correct, samples, then (correct, samples) per type
+    totals = torch.zeros(4 + 2 * len(names), dtype=torch.float64)
     for start in range(0, len(shard), batch_size):
         chunk = shard[start : start + batch_size]
         samples = [dataset[i] for i, _ in chunk]
@@ -117,15 +126,38 @@ def evaluate(
             pad_token_id=tokenizer.pad_token_id,
             synced_gpus=synced_gpus,
         )[:, prompts["input_ids"].shape[1] :]
-        for sample, ids, keep in zip(samples, generated, counted.tolist()):
+        for (index, _), sample, ids, keep in zip(chunk, samples, generated, counted.tolist()):
             if keep:
                 reference = tokenizer.decode(answer_prompt(sample)[1], skip_special_tokens=True)
                 prediction = tokenizer.decode(ids, skip_special_tokens=True)
-                totals[2] += normalize_answer(prediction) == normalize_answer(reference)
+                ok = normalize_answer(prediction) == normalize_answer(reference)
+                totals[2] += ok
                 totals[3] += 1
-    loss_sum, tokens, correct, n = all_reduce_sum(totals).tolist()
-    return {
+                if types[index] is not None:
+                    totals[slot[types[index]]] += ok
+                    totals[slot[types[index]] + 1] += 1
+    loss_sum, tokens, correct, n, *per_type = all_reduce_sum(totals).tolist()
+    result: dict[str, float] = {
         "eval_loss": loss_sum / max(tokens, 1),
         "eval_accuracy": correct / max(n, 1),
         "eval_samples": int(n),
     }
+    for name, k in slot.items():
+        right, seen = per_type[k - 4], per_type[k - 3]
+        if seen:
+            result[f"eval_accuracy/{name}"] = right / seen
+            result[f"eval_samples/{name}"] = int(seen)
+    return result
+
+
+def first_question_types(dataset: SupervisedDataset) -> list[str | None]:
+    """The question type of each item's first answer (None where the data gives none), by item index."""
+    column = dataset.records["question_types"]
+    return [(column[i] or [None])[0] for i in dataset.indices]
+
+
+def format_per_type(result: dict[str, float]) -> str:
+    """``"; colour 80.0% of 50, count ..."`` from an `evaluate` result; empty without typed samples."""
+    names = [key.split("/", 1)[1] for key in result if key.startswith("eval_accuracy/")]
+    parts = [f"{t} {100 * result[f'eval_accuracy/{t}']:.1f}% of {result[f'eval_samples/{t}']}" for t in names]
+    return "; " + ", ".join(parts) if parts else ""

@@ -117,13 +117,14 @@ def train(
     dtype: torch.dtype,
     logger: MetricsLogger,
     log_every: int,
-    on_step_end: Callable[[TrainState], None],
+    on_step_end: Callable[[TrainState], bool],
     stages: int = 0,
 ) -> TrainStats:
     """Run optimizer steps from ``state`` (fresh or restored; updated in place) until ``total_steps``.
 
-    ``on_step_end(state)`` runs after each step (evaluation and checkpoints decide there whether it is their turn);
-    ``stages`` is the number of Libra stages to report (0 without Libra).
+    ``on_step_end(state)`` runs after each step (evaluation and checkpoints decide there whether it is their turn)
+    and returns True to stop early (a signal: every rank must return the same); ``stages`` is the number of
+    Libra stages to report (0 without Libra).
     """
     stats = TrainStats()
     window: list[StepResult] = []
@@ -152,7 +153,8 @@ def train(
             logger.log(record)
             logger.progress(len(window), _postfix(record))
             window, window_seconds = [], 0.0
-        on_step_end(state)
+        if on_step_end(state):
+            break
     return stats
 
 

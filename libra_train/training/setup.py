@@ -9,14 +9,17 @@ checkpointing (non-reentrant, so frozen inputs need no ``requires_grad`` trick).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from libra_train.config import RecipeConfig
+from libra_train.config import RecipeConfig, RecipeError
 from libra_train.models import build_tiny_llava, load_model_and_processor
 from libra_train.plugin import LibraConfig, apply_libra
 from libra_train.training.optim import is_projector
@@ -34,8 +37,39 @@ def seed_everything(seed: int) -> None:
 
 
 def libra_config(cfg: RecipeConfig) -> LibraConfig:
-    """The recipe's ``libra`` section as a validated `LibraConfig` (a ``load_recipe`` validator)."""
+    """The recipe's ``libra`` section as a validated `LibraConfig` (a ``load_recipe`` validator).
+
+    Raises:
+        ValueError: a key that is not a `LibraConfig` field (with the closest one, ``libra.ratoi`` -> ``ratio``),
+            or a value `LibraConfig` rejects.
+    """
+    known = [f.name for f in dataclasses.fields(LibraConfig)]
+    for key in cfg.libra:
+        if key not in known:
+            guess = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean 'libra.{guess[0]}'?" if guess else f"known: {', '.join(known)}"
+            raise ValueError(f"unknown key 'libra.{key}' ({hint})")
     return LibraConfig(**cfg.libra)
+
+
+def check_libra_fits(model: nn.Module, libra: LibraConfig) -> None:
+    """Refuse compression points the model does not have, naming the recipe key (before `apply_libra` would
+    raise deep inside the plug-in).
+
+    Raises:
+        RecipeError: a point of ``libra.layers`` at or beyond the model's last layer.
+    """
+    if not libra.enabled:
+        return
+    layers = model.config.get_text_config().num_hidden_layers
+    try:
+        libra.check_num_layers(layers)
+    except ValueError:
+        raise RecipeError(
+            f"libra.layers={libra.layers} does not fit this model: its language model has {layers} layers "
+            f"(0..{layers - 1}) and a point l compresses the output of layer l for the layers after it, so every "
+            f"point must be at most {layers - 2}; e.g. libra.layers=[{max(0, layers // 2 - 1)}]"
+        ) from None
 
 
 def weight_dtype(cfg: RecipeConfig) -> torch.dtype:
@@ -47,8 +81,8 @@ def weight_dtype(cfg: RecipeConfig) -> torch.dtype:
 
 def hidden_size(cfg: RecipeConfig) -> int | None:
     """The LLM's hidden size when the model is a local checkpoint (for DeepSpeed's bucket sizes), else None."""
-    if cfg.model.path is None:
-        return None
+    if cfg.model.path is None or not (Path(cfg.model.path) / "config.json").is_file():
+        return None  # loading the model reports a missing folder or config.json with what to do
     from transformers import AutoConfig
 
     try:

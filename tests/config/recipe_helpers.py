@@ -15,6 +15,8 @@ RECIPE_FILES = sorted(RECIPES_DIR.glob("*.yaml"))
 TWINS = [
     ("demo", "demo_full"),
     ("demo_libra_lora", "demo_full_lora"),
+    ("demo144", "demo144_full"),
+    ("demo144_libra_lora", "demo144_full_lora"),
     ("llava15_libra", "llava15_full"),
     ("llava15_libra_lora", "llava15_full_lora"),
     ("llava_next_libra", "llava_next_full"),

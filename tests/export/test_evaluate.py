@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import libra_train.training.evaluate as training_evaluate
 from libra_train.data import build_dataset
 from libra_train.data.records import load_records
-from libra_train.infer import Query, evaluate, generate, is_correct, load, load_qa, normalize_answer
+from libra_train.infer import (
+    Query,
+    evaluate,
+    format_table,
+    generate,
+    is_correct,
+    load,
+    load_qa,
+    normalize_answer,
+)
 from tests.export.export_helpers import load_script
 
 
@@ -147,3 +157,62 @@ def test_same_accuracy_as_the_training_loop_eval(exported, trained, tiny, demo, 
     )
     assert reference["eval_samples"] == ours.total == 8
     assert ours.accuracy == reference["eval_accuracy"] >= 0.5
+
+
+def test_per_type_accuracy_comes_from_the_data_in_both_evaluations(exported, trained, tiny, demo, tmp_path):
+    """Types are read from the records' ``question_types`` (one record has none: overall only); both evaluations
+    count each type exactly as the predictions and references say, and agree with each other."""
+    val = json.loads((demo / "val.json").read_text())
+    questions = [Query.single(r["conversations"][0]["value"], r["image"], r["id"]) for r in val]
+    direct = _direct(trained, tiny[1], demo, questions)
+    for i, record in enumerate(val):
+        if i % 2 == 0:  # half right, so that the per-type counts are not all zero
+            record["conversations"][1]["value"] = normalize_answer(direct[i]) or "red"
+        record["question_types"] = [("colour", "count", "misc")[i % 3]]  # not what the wording says
+    del val[5]["question_types"]
+    data = tmp_path / "val.json"
+    data.write_text(json.dumps(val))
+    gold = [r["conversations"][1]["value"] for r in val]
+    expected: dict[str, tuple[int, int]] = {}
+    for i, record in enumerate(val):
+        if "question_types" in record:
+            right, seen = expected.get(record["question_types"][0], (0, 0))
+            expected[record["question_types"][0]] = (right + is_correct(direct[i], gold[i]), seen + 1)
+
+    model, processor = load(exported)
+    ours = evaluate(
+        model, processor, load_qa(data), template="vicuna_v1", image_folder=demo / "images", progress=False
+    )
+    assert ours.by_type == dict(sorted(expected.items())) and sum(n for _, n in expected.values()) == 7
+    assert ours.total == 8 and ours.question_types[5] is None
+    assert ours.text_tokens > 0 and ours.visual_tokens == [36, 18]
+
+    dataset = build_dataset(data, tiny[1], image_folder=demo / "images", max_length=256)
+    shard = [(i, True) for i in range(len(dataset))]
+    reference = training_evaluate.evaluate(
+        trained, dataset, shard, tiny[1], 3, torch.device("cpu"), torch.float32
+    )
+    for qtype, (right, seen) in expected.items():
+        assert reference[f"eval_samples/{qtype}"] == seen
+        assert reference[f"eval_accuracy/{qtype}"] == pytest.approx(right / seen)
+        assert reference[f"eval_accuracy/{qtype}"] == pytest.approx(ours.by_type[qtype][0] / seen)
+    assert training_evaluate.format_per_type(reference).startswith("; colour ")
+
+
+def test_per_type_column_in_the_evaluate_table(exported, demo, tmp_path):
+    lines = [
+        {"question": "what shape is at row 1 column 1 ?", "answer": "circle", "image": "val_00000.png",
+         "question_type": "shape"},
+        {"question": "what shape is at row 1 column 2 ?", "answer": "square", "image": "val_00001.png"},
+    ]  # fmt: skip
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    model, processor = load(exported)
+    result = evaluate(model, processor, load_qa(data), template="vicuna_v1", image_folder=demo / "images",
+                      progress=False)  # fmt: skip
+    assert result.question_types == ["shape", None] and list(result.by_type) == ["shape"]
+    right = int(result.scores[0])
+    assert f"| shape {right / 1:.1%} ({right}/1) |" in format_table([result])
+    (bad := tmp_path / "bad.jsonl").write_text(json.dumps({**lines[0], "question_type": 3}) + "\n")
+    with pytest.raises(ValueError, match="'question_type' must be a string"):
+        load_qa(bad)

@@ -14,11 +14,13 @@ from libra_train.data import IGNORE_INDEX, LengthGroupedSampler
 from libra_train.models import build_tiny_llava
 from libra_train.plugin import LibraConfig, apply_libra
 from libra_train.training.batches import ResumableSampler, eval_shard
-from libra_train.training.checkpoint import _prune, _write_latest, resolve_resume
+from libra_train.training.checkpoint import resolve_resume
 from libra_train.training.dist import DistEnv
 from libra_train.training.evaluate import answer_prompt, collate_prompts, normalize_answer
 from libra_train.training.loop import train_step
 from libra_train.training.optim import build_scheduler, lr_lambda, param_groups
+from libra_train.training.output_dir import prune, write_latest
+from libra_train.training.resume import ResumeError
 from libra_train.training.setup import prepare_model
 
 CPU = DistEnv(0, 0, 1, torch.device("cpu"))
@@ -225,15 +227,17 @@ def test_answer_prompt_cuts_before_the_first_answer_and_left_pads():
 def test_prune_latest_and_resolve(tmp_path: Path):
     for step in (2, 4, 6, 8):
         (tmp_path / f"checkpoint-{step}").mkdir()
-        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    _prune(tmp_path, limit=2, keep=tmp_path / "checkpoint-8")
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(
+            f'{{"step": {step}, "files": {{}}}}'
+        )
+    prune(tmp_path, limit=2, keep=tmp_path / "checkpoint-8")
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     cfg = load_recipe("demo", [f"train.output_dir={tmp_path}", "train.resume=latest"])
-    assert resolve_resume(cfg) is None  # no pointer yet: a fresh start
-    _write_latest(tmp_path, "checkpoint-6")
+    assert resolve_resume(cfg) == tmp_path / "checkpoint-8"  # no pointer: the newest complete checkpoint
+    write_latest(tmp_path, "checkpoint-6")
     assert resolve_resume(cfg) == tmp_path / "checkpoint-6"
     (tmp_path / "incomplete").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ResumeError, match="is not a complete checkpoint"):
         resolve_resume(load_recipe("demo", [f"train.resume={tmp_path / 'incomplete'}"]))
     assert math.isfinite(len(list(tmp_path.iterdir())))
 
