@@ -216,20 +216,17 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
         raise fail(
             "bad_format", f"{len(qtypes)} 'question_types' for {n_answers} answer(s): give one per answer"
         )
-    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-    if n_placeholders != len(images):
-        raise fail(
-            "image_count_mismatch",
-            f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s); put exactly one "
-            f"{IMAGE_PLACEHOLDER} in the text per image (LLaVA: '{IMAGE_PLACEHOLDER}\\n' before the first question)",
-        )
-    n_videos = sum(text.count(VIDEO_PLACEHOLDER) for _, text in turns)
-    if n_videos != len(videos):
-        raise fail(
-            "video_count_mismatch",
-            f"{n_videos} {VIDEO_PLACEHOLDER} placeholder(s) but {len(videos)} video(s); put exactly one "
-            f"{VIDEO_PLACEHOLDER} in the text per video ('{VIDEO_PLACEHOLDER}\\n' before the question)",
-        )
+    for kind, placeholder, items, where in (
+        ("image", IMAGE_PLACEHOLDER, images, "LLaVA: '<image>\\n' before the first question"),
+        ("video", VIDEO_PLACEHOLDER, videos, "'<video>\\n' before the question"),
+    ):
+        n_placeholders = sum(text.count(placeholder) for _, text in turns)
+        if n_placeholders != len(items):
+            raise fail(
+                f"{kind}_count_mismatch",
+                f"{n_placeholders} {placeholder} placeholder(s) but {len(items)} {kind}(s); put exactly one "
+                f"{placeholder} in the text per {kind} ({where})",
+            )
     return Record(sample_id, images, turns, source, index, qtypes, videos)
 
 
