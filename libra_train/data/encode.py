@@ -302,8 +302,8 @@ class Encoder:
             raise DataError(
                 record.id,
                 "image_truncated",
-                f"{length} tokens with the image tokens expanded; max_length={self.max_length} would cut image "
-                "tokens (the model would then fail with an image features/tokens mismatch); raise "
+                f"{length} tokens with the image / video tokens expanded; max_length={self.max_length} would cut "
+                "them (the model would then fail with a visual features/tokens mismatch); raise "
                 f"data.max_length or shorten the sample, {self.hints['skip']}",
                 record.source,
             )
@@ -466,10 +466,8 @@ class Encoder:
             spans = shift_spans(rendered.spans, replaced)
             labels = labels_from_offsets(values["input_ids"], enc["offset_mapping"][0], spans)
         out = {k: torch.as_tensor(v) for k, v in values.items()}  # [L] each
-        for (
-            key,
-            value,
-        ) in enc.items():  # per-image / per-video tensors: pixel_values [n_img, ...], video_grid_thw ...
+        # per-image / per-video tensors: pixel_values [n_img, ...], image_sizes, pixel_values_videos, video_grid_thw
+        for key, value in enc.items():
             if key not in DROP_KEYS and key not in TOKEN_KEYS:
                 out[key] = torch.as_tensor(np.asarray(value))
         return out, labels
