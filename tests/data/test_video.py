@@ -262,7 +262,9 @@ def test_video_cut_by_max_length_is_found_when_encoded(folder):
         image_folder=folder, template="chat_template", max_length=34
     )  # the video: 32 tokens from position 4
     strict = build_dataset(path, processor, **kwargs)
-    with pytest.raises(DataError, match=r"'long'.*image / video tokens expanded; max_length=34 would cut them") as info:
+    with pytest.raises(
+        DataError, match=r"'long'.*image / video tokens expanded; max_length=34 would cut them"
+    ) as info:
         strict[0]
     assert info.value.reason == "image_truncated"
     lenient = build_dataset(path, processor, skip_bad_samples=True, **kwargs)
