@@ -7,8 +7,10 @@ checkpoints are read from a local folder with ``local_files_only=True``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,16 @@ MODEL_FAMILIES = {
     "llava": ("LlavaForConditionalGeneration", "llava-hf/llava-1.5-7b-hf"),
     "llava_next": ("LlavaNextForConditionalGeneration", "llava-hf/llava-v1.6-vicuna-7b-hf"),
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen/Qwen2-VL-7B-Instruct"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen/Qwen2.5-VL-7B-Instruct"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen/Qwen3-VL-8B-Instruct"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "llava-hf/llava-onevision-qwen2-7b-ov-hf"),
 }
+# What to install when a processor's video part cannot be built (every transformers video processor imports
+# torchvision); the CPU wheel of torchvision next to torch 2.13 does not import (see ENV-FACTS), hence the pin.
+TORCHVISION_HINT = (
+    "pip install torchvision -c constraints.txt (the torchvision release built for the installed torch; on a CUDA "
+    "machine the wheel of the same CUDA build)"
+)
 
 
 def pick_attn_implementation(requested: str = "auto") -> str:
@@ -219,8 +230,8 @@ def load_model_and_processor(
 
     Args:
         path: folder with config.json, weights and processor files (e.g. a copy of llava-hf/llava-1.5-7b-hf).
-        family: ``llava`` (LLaVA-1.5), ``llava_next`` (LLaVA-NeXT) or ``qwen2_vl`` (Qwen2-VL); must match the
-            config's model_type.
+        family: a key of `MODEL_FAMILIES` (``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``,
+            ``llava_onevision``); must match the config's model_type.
         torch_dtype: weight dtype (``torch.bfloat16``, ``"bfloat16"``, ...); None = the checkpoint's.
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, or ``auto`` (see
             `pick_attn_implementation`).
@@ -238,5 +249,71 @@ def load_model_and_processor(
         dtype=dtype if dtype is not None else "auto",
         attn_implementation=pick_attn_implementation(attn_implementation),
     )
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    return model, processor
+    return model, load_processor(path)
+
+
+def processor_without_video(processor_class: type) -> type:
+    """`processor_class` without its ``video_processor`` part, under the same name.
+
+    transformers builds, checks and loads a processor's parts by `get_attributes` (the part-named arguments of
+    its ``__init__``), and every video processor (even the name of their base class) needs torchvision. A
+    subclass whose `get_attributes` leaves ``video_processor`` out has no such part: images and text work as in
+    the full processor (`ProcessorMixin.__call__` skips a missing part), ``__init__`` and its saved arguments
+    (``num_image_tokens``, ...) are the original ones, and `save_pretrained` writes the original class name, so
+    the saved folder loads as the full processor where torchvision is installed (`load_processor` keeps the
+    checkpoint's video configuration in ``libra_video_config``, and `save_pretrained` writes it back).
+    """
+
+    def get_attributes(cls) -> list[str]:
+        return [a for a in processor_class.get_attributes() if a != "video_processor"]
+
+    def from_args_and_dict(cls, args, processor_dict, **kwargs):
+        rest = {k: v for k, v in processor_dict.items() if k != "video_processor"}
+        return super(subclass, cls).from_args_and_dict(args, rest, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super(subclass, self).to_dict()
+        if self.libra_video_config:  # the checkpoint's video part, saved back untouched
+            out["video_processor"] = dict(self.libra_video_config)
+        return out
+
+    attrs = {
+        "get_attributes": classmethod(get_attributes),
+        "from_args_and_dict": classmethod(from_args_and_dict),
+        "to_dict": to_dict,
+        "__module__": processor_class.__module__,
+        "libra_video_missing": True,
+        "libra_video_config": None,
+    }
+    subclass = type(processor_class.__name__, (processor_class,), attrs)
+    return subclass
+
+
+def load_processor(path: str | os.PathLike) -> Any:
+    """``AutoProcessor.from_pretrained(path)``, or, when only its video processor cannot be built because
+    torchvision is missing, the same processor without its video part (a warning says what to install).
+
+    Why: the Qwen-VL and LLaVA-OneVision checkpoints ship a video processor, and building it needs torchvision
+    even for image-only data; without this, image fine-tuning of those families would need a package it never
+    uses. A record with a video then fails in `Encoder` with the install line (`TORCHVISION_HINT`).
+    """
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except ImportError as err:
+        if "torchvision" not in str(err).lower():
+            raise
+        config = json.loads((Path(path) / "processor_config.json").read_text())
+        processor_class = getattr(transformers, config.get("processor_class", ""), None)
+        if processor_class is None or "video_processor" not in inspect.signature(processor_class).parameters:
+            raise
+    processor = processor_without_video(processor_class).from_pretrained(path, local_files_only=True)
+    video_file = Path(path) / "video_preprocessor_config.json"  # older checkpoints keep it apart
+    processor.libra_video_config = config.get("video_processor") or (
+        json.loads(video_file.read_text()) if video_file.is_file() else None
+    )
+    warnings.warn(
+        f"{path}: the processor's video part needs torchvision, which is not installed; loaded it for images and "
+        f"text only (samples with a video will fail). For video data: {TORCHVISION_HINT}",
+        stacklevel=2,
+    )
+    return processor

@@ -49,6 +49,13 @@ MISSING_HINTS: dict[str, dict[str, str]] = {
         "llava-hf/llava-v1.6-mistral-7b-hf, llava-hf/llama3-llava-next-8b-hf), then model.path=<that dir>",
         "qwen2_vl": "get Qwen2-VL-7B-Instruct: huggingface-cli download Qwen/Qwen2-VL-7B-Instruct "
         "--local-dir checkpoints/Qwen2-VL-7B-Instruct, then model.path=checkpoints/Qwen2-VL-7B-Instruct",
+        "qwen2_5_vl": "get Qwen2.5-VL-7B-Instruct: huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct "
+        "--local-dir checkpoints/Qwen2.5-VL-7B-Instruct, then model.path=checkpoints/Qwen2.5-VL-7B-Instruct",
+        "qwen3_vl": "get Qwen3-VL-8B-Instruct: huggingface-cli download Qwen/Qwen3-VL-8B-Instruct "
+        "--local-dir checkpoints/Qwen3-VL-8B-Instruct, then model.path=checkpoints/Qwen3-VL-8B-Instruct",
+        "llava_onevision": "get LLaVA-OneVision-7B in HF format: huggingface-cli download "
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf --local-dir checkpoints/llava-onevision-qwen2-7b-ov-hf, then "
+        "model.path=checkpoints/llava-onevision-qwen2-7b-ov-hf",
     },
     "data.train": {"*": _LLAVA_DATA},
     "data.image_folder": {"*": _LLAVA_IMAGES},

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # Allowed values of the string-valued choices, checked by ``validate``.
-FAMILIES = ("llava", "llava_next", "qwen2_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TEMPLATES = ("vicuna_v1", "chat_template")
@@ -35,7 +35,8 @@ class ModelConfig:
     Attributes:
         path: local directory of a transformers checkpoint (no hub download at run time).
         tiny: keyword arguments of ``libra_train.models.build_tiny_llava`` (``{}`` = its defaults).
-        family: ``llava`` | ``llava_next`` | ``qwen2_vl``; selects the processor/visual-span logic.
+        family: ``llava`` | ``llava_next`` | ``qwen2_vl`` | ``qwen2_5_vl`` | ``qwen3_vl`` | ``llava_onevision``
+            (the checkpoint's model_type); selects the model class (the plug-in finds the visual spans itself).
         attn_implementation: ``auto`` picks flash_attention_2 when CUDA and flash-attn are there, else sdpa.
         dtype: weight dtype at load time; ``auto`` follows ``train.precision``.
         freeze_vision_tower: keep the vision encoder frozen.

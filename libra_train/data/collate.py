@@ -1,4 +1,4 @@
-"""Batching: right-pad the per-token tensors, concatenate the per-image ones.
+"""Batching: right-pad the per-token tensors, concatenate the per-image (and per-video) ones.
 
 LLaVA-style models take the visual inputs of a batch as one stack of images and scatter their features into
 the positions of the image tokens, in order, so a batch may mix image and text-only samples: ``pixel_values``
@@ -71,6 +71,13 @@ def collate(
     image_keys = sorted(present - token_keys.keys())
     for key in image_keys:
         parts = [s[key] for s in batch if key in s]  # [n_img_i, ...] each
+        if key == "pixel_values_videos" and parts[0].dim() == 5 and len({p.shape[1] for p in parts}) > 1:
+            # [n_videos, frames, C, H, W] (LLaVA-OneVision): zero frames would be encoded as frames
+            raise ValueError(
+                f"videos with {sorted({p.shape[1] for p in parts})} frames in one batch: this model stacks a "
+                "batch's videos, so every video needs the same number of frames; give the records the same "
+                "number of frame files (or video files the processor samples to a fixed num_frames)"
+            )
         shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
         out[key] = torch.cat([_pad_to(p, [p.shape[0], *shape]) for p in parts])  # [sum n_img_i, ...]
     return out

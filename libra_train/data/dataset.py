@@ -41,7 +41,15 @@ logger = logging.getLogger(__name__)
 NOMINAL_IMAGE_SIZE = (336, 336)  # for length estimates without the pre-check
 SKIPPED_KEY = "skipped_samples"
 # Reason codes of samples that fail when loaded (an index into this tuple travels in SKIPPED_KEY).
-RUNTIME_REASONS = ("missing_image", "unreadable_image", "image_truncated", "no_labels", "bad_sample")
+RUNTIME_REASONS = (
+    "missing_image",
+    "unreadable_image",
+    "image_truncated",
+    "no_labels",
+    "bad_sample",
+    "missing_video",
+    "unreadable_video",
+)
 BAD_SAMPLES_HINT = (
     "Fix these samples, or set data.skip_bad_samples=true to leave them out and count them "
     "(build_dataset(..., skip_bad_samples=True) from Python)."
@@ -113,7 +121,8 @@ class SupervisedDataset(Dataset):
         good = np.flatnonzero(reasons == "")
         self.indices = good.tolist()
         n_images = pc.list_value_length(records.data.column("images")).to_numpy(zero_copy_only=False)
-        self.has_images = (n_images[good] > 0).tolist()
+        n_videos = pc.list_value_length(records.data.column("videos")).to_numpy(zero_copy_only=False)
+        self.has_images = (n_images[good] + n_videos[good] > 0).tolist()  # image or video: one modality group
         if checks is not None:
             self.lengths = np.asarray(checks.data.column("length").to_numpy())[good].tolist()
         else:
@@ -210,6 +219,9 @@ def build_dataset(
     image_folder = Path(path).parent if image_folder is None else image_folder
     encoder = Encoder(processor, template, max_length, image_folder, pad_to_square, purpose)
     records = load_cached_records(path, cache_dir, purpose)
+    n_videos = pc.list_value_length(records.data.column("videos")).to_numpy(zero_copy_only=False)
+    if n_videos.any():  # before the (parallel) pre-check: a processor without a video part stops the run here
+        encoder.check_video_support([row_to_record(records[int(np.argmax(n_videos > 0))], str(path))])
     checks = (
         check_records(records, encoder, source=str(path), cache_dir=cache_dir, num_proc=num_proc)
         if precheck

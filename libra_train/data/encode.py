@@ -23,6 +23,7 @@ it is the pre-check `build_dataset` runs over the whole file (in parallel, cache
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from libra_train.data.records import DataError, Record
+from libra_train.data.records import DataError, Record, is_video_file
 from libra_train.data.templates import Rendered, render, splits_at_images
 
 IGNORE_INDEX = -100
@@ -173,60 +174,119 @@ class Encoder:
             self.tokenizer.convert_tokens_to_ids(self.image_token) if self.image_token else None
         )
         self.split_at_images = splits_at_images(template) and self.image_token is not None
+        self.video_token = getattr(processor, "video_token", None) or getattr(
+            self.tokenizer, "video_token", None
+        )
+        self.video_token_id = (
+            self.tokenizer.convert_tokens_to_ids(self.video_token) if self.video_token else None
+        )
         mean = getattr(getattr(processor, "image_processor", None), "image_mean", None) or (0.5, 0.5, 0.5)
         self.background = tuple(int(x * 255) for x in mean)
 
     # -- images -------------------------------------------------------------------------------------------------
-    def image_path(self, record: Record, path: str) -> str:
-        """Resolve `path` against the image folder; DataError when the file is missing."""
+    def image_path(self, record: Record, path: str, kind: str = "image") -> str:
+        """Resolve `path` against the image folder; DataError when the file is missing.
+
+        Args:
+            kind: ``image`` or ``video`` (a video file or frame): the reason code and wording.
+        """
         full = (
             path
             if os.path.isabs(path) or self.image_folder is None
             else os.path.join(self.image_folder, path)
         )
         if not os.path.isfile(full):
+            what = "image file" if kind == "image" else "video file or frame"
             raise DataError(
                 record.id,
-                "missing_image",
-                f"image file {full} not found; check {self.hints['folder']} and the path in the record, "
+                f"missing_{kind}",
+                f"{what} {full} not found; check {self.hints['folder']} and the path in the record, "
                 + self.hints["skip"],
                 record.source,
             )
         return full
 
-    def load_image(self, record: Record, path: str) -> Image.Image:
-        """Open an image as RGB (padded to a square if configured); DataError when missing or unreadable.
+    def load_image(self, record: Record, path: str, kind: str = "image") -> Image.Image:
+        """Open an image (or a video frame: `kind` ``video``) as RGB, padded to a square if configured;
+        DataError when missing or unreadable.
 
         Any exception of the decoder counts as unreadable: PIL reports damaged files as OSError, SyntaxError
         ("broken PNG file"), EOFError, zlib or struct errors, ValueError..., depending on where the damage is.
         """
-        full = self.image_path(record, path)
+        full = self.image_path(record, path, kind)
         try:
             with Image.open(full) as img:
                 image = img.convert("RGB")
         except Exception as err:  # noqa: BLE001 (see the docstring: the decoder's failures have many types)
+            what = "image" if kind == "image" else "video frame"
             raise DataError(
                 record.id,
-                "unreadable_image",
-                f"cannot decode image {full} ({type(err).__name__}: {err}); replace the file, {self.hints['skip']}",
+                f"unreadable_{kind}",
+                f"cannot decode {what} {full} ({type(err).__name__}: {err}); replace the file, {self.hints['skip']}",
                 record.source,
             ) from err
         return expand2square(image, self.background) if self.pad_to_square else image
 
-    def image_size(self, record: Record, path: str) -> tuple[int, int]:
+    def image_size(self, record: Record, path: str, kind: str = "image") -> tuple[int, int]:
         """``(height, width)`` as the processor will see it (after square padding), read from the header."""
-        full = self.image_path(record, path)
+        full = self.image_path(record, path, kind)
         try:
             with Image.open(full) as img:
                 w, h = img.size
         except Exception as err:  # noqa: BLE001 (as in load_image)
+            what = "image" if kind == "image" else "video frame"
             raise DataError(
                 record.id,
-                "unreadable_image",
-                f"cannot read image {full} ({err}); replace the file, {self.hints['skip']}",
+                f"unreadable_{kind}",
+                f"cannot read {what} {full} ({err}); replace the file, {self.hints['skip']}",
                 record.source,
             ) from err
         return (max(w, h), max(w, h)) if self.pad_to_square else (h, w)
+
+    # -- videos -------------------------------------------------------------------------------------------------
+    def check_video_support(self, records: Sequence[Record]) -> None:
+        """Raise (not a DataError: no sample is at fault, and skipping every video would hide it) when records
+        hold videos that this processor / template cannot encode."""
+        record = next((r for r in records if r.videos), None)
+        if record is None:
+            return
+        where = f"sample {record.id!r}" + (f" in {record.source}" if record.source else "")
+        if self.split_at_images:
+            raise ValueError(
+                f"{where} has a video, but template={self.template!r} is LLaVA-1.5's image-only format; video "
+                "models (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision) train with data.template=chat_template"
+            )
+        if hasattr(self.processor, "video_processor") and self.video_token_id is not None:
+            return
+        if getattr(self.processor, "libra_video_missing", False):
+            from libra_train.models import TORCHVISION_HINT
+
+            raise ImportError(
+                f"{where} has a video, but the processor was loaded without its video part because torchvision "
+                f"is not installed (every transformers video processor needs it); install it with "
+                f"{TORCHVISION_HINT}, or leave the video samples out of the data"
+            )
+        raise ValueError(
+            f"{where} has a video, but {type(self.processor).__name__} takes no videos; use a video model's "
+            "checkpoint (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) or leave the video samples out of the data"
+        )
+
+    def load_video(self, record: Record, video: list[str]) -> list[Image.Image] | str:
+        """A record's video as the processor takes it: its frames as RGB images, in order, or the resolved path
+        of a video file (the processor's video part decodes and samples it). DataError when a file is missing
+        or a frame unreadable."""
+        if is_video_file(video):
+            return self.image_path(record, video[0], "video")
+        return [self.load_image(record, frame, "video") for frame in video]
+
+    def check_video_files(self, record: Record) -> None:
+        """The pre-check of a record's videos: every file exists, every frame's header reads."""
+        for video in record.videos:
+            if is_video_file(video):
+                self.image_path(record, video[0], "video")
+            else:
+                for frame in video:
+                    self.image_size(record, frame, "video")
 
     # -- checks -------------------------------------------------------------------------------------------------
     def _verdict(self, record: Record, length: int, image_end: int, first_label: int | None) -> int:
@@ -234,7 +294,7 @@ class Encoder:
 
         Args:
             length: tokens with the image tokens expanded.
-            image_end: position after its last image token (0 without images).
+            image_end: position after its last image or video token (0 without any).
             first_label: position of its first trained token (None: no trained token).
         """
         keep = min(length, self.max_length)
@@ -242,8 +302,8 @@ class Encoder:
             raise DataError(
                 record.id,
                 "image_truncated",
-                f"{length} tokens with the image tokens expanded; max_length={self.max_length} would cut image "
-                "tokens (the model would then fail with an image features/tokens mismatch); raise "
+                f"{length} tokens with the image / video tokens expanded; max_length={self.max_length} would cut "
+                "them (the model would then fail with a visual features/tokens mismatch); raise "
                 f"data.max_length or shorten the sample, {self.hints['skip']}",
                 record.source,
             )
@@ -259,11 +319,8 @@ class Encoder:
 
     def _finish(self, record: Record, ids: list[int], labels: list[int]) -> int:
         """`_verdict` of an encoded sample (expanded ids and their labels)."""
-        images = (
-            [i for i, t in enumerate(ids) if t == self.image_token_id]
-            if self.image_token_id is not None
-            else []
-        )
+        visual = {t for t in (self.image_token_id, self.video_token_id) if t is not None}
+        images = [i for i, t in enumerate(ids) if t in visual]
         first = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), None)
         return self._verdict(record, len(ids), images[-1] + 1 if images else 0, first)
 
@@ -309,11 +366,13 @@ class Encoder:
         the processor's `_get_num_multimodal_tokens` (all transformers VLM processors have it; without it the
         length checks wait for `encode`). One tokenizer call covers the whole batch.
         """
+        self.check_video_support(records)
         results: list[int | DataError | None] = [None] * len(records)
         rendered: list[tuple[int, Rendered, list[tuple[int, int]]]] = []
         for k, record in enumerate(records):
             try:
                 sizes = [self.image_size(record, p) for p in record.images]
+                self.check_video_files(record)
                 rendered.append((k, render(self.template, record.turns, self.processor), sizes))
             except DataError as err:
                 results[k] = err
@@ -327,7 +386,9 @@ class Encoder:
             record = records[k]
             counts = None if flat_counts is None else flat_counts[used : used + len(sizes)]
             used += len(sizes)
-            if sizes and counts is None:
+            if (sizes and counts is None) or record.videos:
+                # Visual counts unknown before encoding (no counter; videos: frames sampled by the processor):
+                # the length checks wait for `encode` (`_finish`), a bad sample found then is skipped and counted.
                 results[k] = min(len(ids), self.max_length)
                 continue
             try:
@@ -377,15 +438,18 @@ class Encoder:
         its labels (not truncated)."""
         images = [self.load_image(record, p) for p in record.images]
         if self.processor is self.tokenizer:  # a bare tokenizer: text-only data
-            if images:
+            if images or record.videos:
                 raise ValueError(
-                    f"sample {record.id!r} has images but a tokenizer was given instead of a processor"
+                    f"sample {record.id!r} has images or videos but a tokenizer was given instead of a processor"
                 )
             enc = self.tokenizer([rendered.text], return_offsets_mapping=True)
         else:
+            self.check_video_support([record])
+            videos = [self.load_video(record, v) for v in record.videos]
             enc = self.processor(
                 text=[rendered.text],
                 images=images or None,
+                videos=videos or None,
                 return_offsets_mapping=True,
                 return_text_replacement_offsets=not self.split_at_images,
             )
@@ -402,7 +466,8 @@ class Encoder:
             spans = shift_spans(rendered.spans, replaced)
             labels = labels_from_offsets(values["input_ids"], enc["offset_mapping"][0], spans)
         out = {k: torch.as_tensor(v) for k, v in values.items()}  # [L] each
-        for key, value in enc.items():  # per-image tensors: pixel_values [n_img, ...], image_sizes, ...
+        # per-image / per-video tensors: pixel_values [n_img, ...], image_sizes, pixel_values_videos, video_grid_thw
+        for key, value in enc.items():
             if key not in DROP_KEYS and key not in TOKEN_KEYS:
                 out[key] = torch.as_tensor(np.asarray(value))
         return out, labels
@@ -441,5 +506,5 @@ class Encoder:
             raise DataError(
                 record.id, "bad_roles", "the last turn must be the answer to evaluate", record.source
             )
-        inputs = self.prompt(Record(record.id, record.images, record.turns[:-1], record.source, record.index))
+        inputs = self.prompt(dataclasses.replace(record, turns=record.turns[:-1]))
         return {k: v[None] if k in TOKEN_KEYS else v for k, v in inputs.items()}, record.turns[-1][1]

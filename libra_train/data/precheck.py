@@ -46,7 +46,7 @@ from libra_train.data.encode import Encoder
 from libra_train.data.records import DataError, load_records, row_to_record
 
 logger = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: records carry question_types
+CACHE_VERSION = 3  # 2: records carry question_types; 3: and videos
 BATCH_SIZE = 256  # records per tokenizer call: amortises the Python overhead, keeps worker memory small
 MIN_RECORDS_PER_PROC = 5_000  # below this a worker process costs more to start than it saves
 PROGRESS_FROM = 10_000  # records from which the pre-check shows a progress bar

@@ -3,13 +3,17 @@
 Two input formats are accepted, in `.json` (one array) or `.jsonl` (one record a line) files, and may even be
 mixed in one file:
 
-* LLaVA: ``{"id", "image": str | [str] (optional), "conversations": [{"from": "human"|"gpt"|"system",
-  "value": str}]}`` with ``<image>`` placeholders in the text and image paths relative to an image folder.
+* LLaVA: ``{"id", "image": str | [str] (optional), "video": str | [str] (optional), "conversations":
+  [{"from": "human"|"gpt"|"system", "value": str}]}`` with ``<image>`` / ``<video>`` placeholders in the text
+  and paths relative to an image folder. ``video`` is one video: a video file (``.mp4``, ... : decoded by the
+  processor) or the list of its frame image files, in order.
 * HF messages: ``{"id" (optional), "messages": [{"role": "user"|"assistant"|"system", "content": str |
-  [{"type": "text", "text"} | {"type": "image"}]}], "images": [str] (optional)}``.
+  [{"type": "text", "text"} | {"type": "image"} | {"type": "video"}]}], "images": [str] (optional),
+  "videos": [str | [str]] (optional)}``.
 
-Both become a `Record`: an id, a list of image paths and a list of ``(role, text)`` turns with roles
-``system`` / ``user`` / ``assistant`` and one ``<image>`` placeholder per image. An optional
+Both become a `Record`: an id, a list of image paths, a list of videos (each a list of frame files, or one
+video file) and a list of ``(role, text)`` turns with roles ``system`` / ``user`` / ``assistant`` and one
+``<image>`` placeholder per image, one ``<video>`` per video. An optional
 ``"question_types": [str | null, ...]`` (one per answer, in order; the demo generator writes it) is carried
 along so that evaluations can report accuracy per question type; it never affects training.
 
@@ -37,6 +41,10 @@ import datasets
 import pyarrow as pa
 
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
+# A video given as one path with one of these suffixes is a video file (the processor decodes it); any other
+# single path is a one-frame video.
+VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpeg", ".mpg")
 ROLE_ALIASES = {
     "human": "user",
     "user": "user",
@@ -100,6 +108,8 @@ class Record:
         index: its row in that file.
         question_types: the type of each answer's question (``colour``, ``count``, ...; None = untyped), in the
             order of the assistant turns; may be shorter than them, empty when the data says nothing.
+        videos: one entry per ``<video>`` placeholder, in order: the frame image paths of the video, or a
+            one-element list holding a video file (see `is_video_file`).
     """
 
     id: str
@@ -108,6 +118,12 @@ class Record:
     source: str = ""
     index: int = -1
     question_types: list[str | None] = field(default_factory=list)
+    videos: list[list[str]] = field(default_factory=list)
+
+
+def is_video_file(video: list[str]) -> bool:
+    """Whether a record's video is a video file (one path with a `VIDEO_FILE_SUFFIXES` suffix), not frames."""
+    return len(video) == 1 and isinstance(video[0], str) and video[0].lower().endswith(VIDEO_FILE_SUFFIXES)
 
 
 def _content_to_text(content: Any) -> str:
@@ -123,8 +139,10 @@ def _content_to_text(content: Any) -> str:
             pieces.append(part["text"])
         elif kind == "image":
             pieces.append(IMAGE_PLACEHOLDER + "\n")
+        elif kind == "video":
+            pieces.append(VIDEO_PLACEHOLDER + "\n")
         else:
-            raise TypeError(f"content part must be {{'type': 'text'|'image'}}, got {part!r}")
+            raise TypeError(f"content part must be {{'type': 'text'|'image'|'video'}}, got {part!r}")
     return "".join(pieces)
 
 
@@ -150,12 +168,14 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
         if raw.get("conversations") is not None:
             turns = [(ROLE_ALIASES.get(t["from"], t["from"]), t["value"]) for t in raw["conversations"]]
             images = raw.get("image")
+            videos = [raw["video"]] if raw.get("video") is not None else []
         elif raw.get("messages") is not None:
             turns = [
                 (ROLE_ALIASES.get(m["role"], m["role"]), _content_to_text(m["content"]))
                 for m in raw["messages"]
             ]
             images = raw.get("images")
+            videos = raw.get("videos") or []
         else:
             raise fail("bad_format", "no 'conversations' (LLaVA) or 'messages' (HF) list; see data/README.md")
     except (KeyError, TypeError) as err:
@@ -165,6 +185,13 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
     images = [] if images is None else [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
         raise fail("bad_format", f"image paths must be non-empty strings, got {images!r}")
+    videos = [[v] if isinstance(v, str) else v for v in videos] if isinstance(videos, list) else [videos]
+    for video in videos:
+        if not isinstance(video, list) or not video or not all(isinstance(p, str) and p for p in video):
+            raise fail(
+                "bad_video",
+                f"a video must be a video file path or a non-empty list of frame image files, got {video!r}",
+            )
     for role, text in turns:
         if role not in ("system", "user", "assistant") or not isinstance(text, str):
             raise fail("bad_format", f"unknown role {role!r} or non-string text")
@@ -189,20 +216,25 @@ def normalize_record(raw: dict[str, Any], index: int, source: str = "", purpose:
         raise fail(
             "bad_format", f"{len(qtypes)} 'question_types' for {n_answers} answer(s): give one per answer"
         )
-    n_placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-    if n_placeholders != len(images):
-        raise fail(
-            "image_count_mismatch",
-            f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s); put exactly one "
-            f"{IMAGE_PLACEHOLDER} in the text per image (LLaVA: '{IMAGE_PLACEHOLDER}\\n' before the first question)",
-        )
-    return Record(sample_id, images, turns, source, index, qtypes)
+    for kind, placeholder, items, where in (
+        ("image", IMAGE_PLACEHOLDER, images, "LLaVA: '<image>\\n' before the first question"),
+        ("video", VIDEO_PLACEHOLDER, videos, "'<video>\\n' before the question"),
+    ):
+        n_placeholders = sum(text.count(placeholder) for _, text in turns)
+        if n_placeholders != len(items):
+            raise fail(
+                f"{kind}_count_mismatch",
+                f"{n_placeholders} {placeholder} placeholder(s) but {len(items)} {kind}(s); put exactly one "
+                f"{placeholder} in the text per {kind} ({where})",
+            )
+    return Record(sample_id, images, turns, source, index, qtypes, videos)
 
 
 FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),
         "images": datasets.List(datasets.Value("string")),
+        "videos": datasets.List(datasets.List(datasets.Value("string"))),
         "roles": datasets.List(datasets.Value("string")),
         "texts": datasets.List(datasets.Value("string")),
         "index": datasets.Value("int64"),
@@ -287,9 +319,9 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
         purpose: ``training`` or ``evaluation``, for the wording of problems.
 
     Returns:
-        A dataset with columns ``id, images, roles, texts, index, question_types, reason, error``; rows that
-        failed to normalise (or JSONL lines that are not valid JSON) have a non-empty ``reason`` (a `DataError`
-        code) and ``error`` (its message).
+        A dataset with columns ``id, images, videos, roles, texts, index, question_types, reason, error``; rows
+        that failed to normalise (or JSONL lines that are not valid JSON) have a non-empty ``reason`` (a
+        `DataError` code) and ``error`` (its message).
 
     Raises:
         FileNotFoundError: no such file.
@@ -314,6 +346,7 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
             rec, reason, error = Record(err.sample_id, [], [], str(path), index), err.reason, str(err)
         columns["id"].append(rec.id)
         columns["images"].append(rec.images)
+        columns["videos"].append(rec.videos)
         columns["roles"].append([r for r, _ in rec.turns])
         columns["texts"].append([t for _, t in rec.turns])
         columns["index"].append(index)
@@ -329,7 +362,10 @@ def load_records(path: str | Path, purpose: str = "training") -> datasets.Datase
 def row_to_record(row: dict[str, Any], source: str = "") -> Record:
     """A row of `load_records`' dataset -> `Record`."""
     turns = list(zip(row["roles"], row["texts"]))
-    return Record(row["id"], list(row["images"]), turns, source, row["index"], list(row["question_types"]))
+    videos = [list(v) for v in row.get("videos") or []]
+    return Record(
+        row["id"], list(row["images"]), turns, source, row["index"], list(row["question_types"]), videos
+    )
 
 
 def summarize_problems(errors: list[str], reasons: Counter, hint: str) -> str:

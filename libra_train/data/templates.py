@@ -42,10 +42,11 @@ whole prompt): that is the convention of the models that ship a template (llava-
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from libra_train.data.records import IMAGE_PLACEHOLDER
+from libra_train.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -134,15 +135,20 @@ def render_vicuna_v1(
     return Rendered(text, spans)
 
 
+PLACEHOLDER_PARTS = {IMAGE_PLACEHOLDER: "image", VIDEO_PLACEHOLDER: "video"}
+_PLACEHOLDERS = re.compile("(" + "|".join(map(re.escape, PLACEHOLDER_PARTS)) + ")")
+
+
 def to_messages(turns: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Turns -> HF chat messages whose content is a list of image / text parts (what processors' templates expect)."""
+    """Turns -> HF chat messages whose content is a list of image / video / text parts (what processors'
+    templates expect), in the order of the placeholders."""
     messages = []
     for role, text in turns:
         parts: list[dict[str, Any]] = []
-        for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-            if i > 0:
-                parts.append({"type": "image"})
-            if piece.strip():
+        for piece in _PLACEHOLDERS.split(text):
+            if piece in PLACEHOLDER_PARTS:
+                parts.append({"type": PLACEHOLDER_PARTS[piece]})
+            elif piece.strip():
                 parts.append({"type": "text", "text": piece.strip()})
         messages.append({"role": role, "content": parts})
     return messages

@@ -22,7 +22,7 @@ from transformers import BatchFeature
 
 from libra_train.data.collate import collate
 from libra_train.data.encode import Encoder, expand2square
-from libra_train.data.records import IMAGE_PLACEHOLDER, Record
+from libra_train.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Record
 
 __all__ = ["Generation", "ImageEncoder", "Query", "build_inputs", "find_runtime", "generate", "visual_counts"]
 
@@ -32,22 +32,32 @@ class Query:
     """One generation request.
 
     Attributes:
-        turns: ``(role, text)`` pairs ending with a user turn; one ``<image>`` placeholder per image.
+        turns: ``(role, text)`` pairs ending with a user turn; one ``<image>`` placeholder per image, one
+            ``<video>`` per video.
         images: image paths (relative to the image folder unless absolute), or decoded PIL images (what
             harnesses such as lmms-eval hand over).
         id: a name for messages (sample id, image path).
+        videos: per video its frames (paths or PIL images, in order) or ``[path]`` of a video file, as in the
+            training records (`libra_train.data.records`).
     """
 
     turns: list[tuple[str, str]]
     images: list[str | Image.Image] = field(default_factory=list)
     id: str = ""
+    videos: list[list[str | Image.Image]] = field(default_factory=list)
 
     @classmethod
-    def single(cls, question: str, image: str | None = None, id: str = "") -> Query:
-        """A one-turn question about at most one image (the placeholder is added when missing)."""
+    def single(
+        cls, question: str, image: str | None = None, id: str = "", video: list | None = None
+    ) -> Query:
+        """A one-turn question about at most one image and at most one video (frames or ``[file]``); the
+        placeholders are added when missing."""
+        if video is not None and VIDEO_PLACEHOLDER not in question:
+            question = f"{VIDEO_PLACEHOLDER}\n{question}"
         if image is not None and IMAGE_PLACEHOLDER not in question:
             question = f"{IMAGE_PLACEHOLDER}\n{question}"
-        return cls([("user", question)], [image] if image is not None else [], id or (image or "text"))
+        name = id or (image or ("video" if video is not None else "text"))
+        return cls([("user", question)], [image] if image is not None else [], name, [video] if video else [])
 
 
 @dataclass
@@ -84,9 +94,9 @@ class ImageEncoder(Encoder):
     the files it opens (RGB, padded to a square when the template trains that way), so an image handed over
     in memory is seen exactly as the same image read from disk."""
 
-    def load_image(self, record: Record, path: str | Image.Image) -> Image.Image:
+    def load_image(self, record: Record, path: str | Image.Image, kind: str = "image") -> Image.Image:
         if not isinstance(path, Image.Image):
-            return super().load_image(record, path)
+            return super().load_image(record, path, kind)
         image = path.convert("RGB")
         return expand2square(image, self.background) if self.pad_to_square else image
 
@@ -97,7 +107,7 @@ def build_inputs(
     template: str,
     image_folder: str | os.PathLike | None = None,
 ) -> Any:
-    """Render, read the images and tokenize a batch of queries, left-padded.
+    """Render, read the images and videos and tokenize a batch of queries, left-padded.
 
     Returns:
         A ``BatchFeature``: ``input_ids[B, L]``, ``attention_mask[B, L]`` (left padding) and the per-image
@@ -113,7 +123,8 @@ def build_inputs(
     for query in queries:
         if not query.turns or query.turns[-1][0] != "user":
             raise ValueError(f"query {query.id!r}: the conversation must end with a user turn")
-        prompts.append(encoder.prompt(Record(query.id, list(query.images), list(query.turns))))
+        videos = [list(v) for v in query.videos]
+        prompts.append(encoder.prompt(Record(query.id, list(query.images), list(query.turns), videos=videos)))
     tokenizer = getattr(processor, "tokenizer", processor)
     return BatchFeature(collate(prompts, tokenizer.pad_token_id, padding_side="left"))
 
@@ -128,13 +139,12 @@ def visual_counts(model: nn.Module, runtime: Any, input_ids: torch.Tensor) -> li
     """
     if runtime is not None and runtime.last_visual_tokens is not None:
         stages = [t.tolist() for t in runtime.last_visual_tokens]
-    else:  # no compression in this forward: the image tokens of the prompt
-        image_token = getattr(model.config, "image_token_id", None)
-        stages = (
-            [(input_ids == image_token).sum(1).tolist()]
-            if image_token is not None
-            else [[0] * len(input_ids)]
-        )
+    else:  # no compression in this forward: the image and video tokens of the prompt
+        tokens = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id")]
+        visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token in (t for t in tokens if t is not None):
+            visual |= input_ids == token
+        stages = [visual.sum(1).tolist()]
     return [[int(s[b]) for s in stages] if stages[0][b] else [] for b in range(len(input_ids))]
 
 
@@ -167,8 +177,9 @@ def generate(
         One :class:`Generation` per query, in order.
     """
     inputs = build_inputs(processor, queries, template, image_folder).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(model.dtype)
     tokenizer = getattr(processor, "tokenizer", processor)
     sampling: dict[str, float] = {}
     if do_sample:

@@ -15,11 +15,13 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-PROJECTOR_MARKERS = ("multi_modal_projector", "mm_projector", "visual.merger")
+# Qwen3-VL: `visual.merger` projects the tower's output, `visual.deepstack_merger_list` its DeepStack features.
+PROJECTOR_MARKERS = ("multi_modal_projector", "mm_projector", "visual.merger", "visual.deepstack_merger_list")
 
 
 def is_projector(name: str) -> bool:
-    """Whether a parameter belongs to the vision-language projector (LLaVA, LLaVA-NeXT, Qwen2-VL)."""
+    """Whether a parameter belongs to the vision-language projector (LLaVA, LLaVA-NeXT, OneVision: the
+    multimodal projector; Qwen2-VL, Qwen2.5-VL, Qwen3-VL: the patch mergers, which sit inside ``model.visual``)."""
     return any(marker in name for marker in PROJECTOR_MARKERS)
 
 

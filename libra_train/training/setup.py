@@ -112,13 +112,17 @@ def build_base_model(cfg: RecipeConfig) -> tuple[nn.Module, Any]:
 
 def set_trainable(model: nn.Module, cfg: RecipeConfig) -> None:
     """``requires_grad`` per part: vision tower (``model.freeze_vision_tower``), projector
-    (``model.train_projector``), LLM (``model.train_llm``)."""
+    (``model.train_projector``), LLM (``model.train_llm``).
+
+    The projector is matched first: the Qwen-VL patch mergers live inside the tower's module
+    (``model.visual.merger``), so a vision-tower match alone would freeze them with the tower.
+    """
     m = cfg.model
     for name, param in model.named_parameters():
-        if any(k in name for k in VISION_MARKERS):
-            param.requires_grad_(not m.freeze_vision_tower)
-        elif is_projector(name):
+        if is_projector(name):
             param.requires_grad_(m.train_projector)
+        elif any(k in name for k in VISION_MARKERS):
+            param.requires_grad_(not m.freeze_vision_tower)
         else:
             param.requires_grad_(m.train_llm)
 

@@ -21,6 +21,9 @@ TWINS = [
     ("llava15_libra_lora", "llava15_full_lora"),
     ("llava_next_libra", "llava_next_full"),
     ("qwen2vl_libra", "qwen2vl_full"),
+    ("qwen25vl_libra", "qwen25vl_full"),
+    ("qwen3vl_libra", "qwen3vl_full"),
+    ("llava_ov_libra", "llava_ov_full"),
 ]
 
 

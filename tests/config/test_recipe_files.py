@@ -20,7 +20,16 @@ from tests.config.recipe_helpers import RECIPE_FILES, TWINS, dummy_overrides
 
 REAL_MODEL_KEYS = {"model.path", "data.train", "data.image_folder"}
 # Decoder layers of each recipe's LLM (tiny demo model: 4), for LibraConfig.check_num_layers.
-LLM_LAYERS = {"tiny": 4, "llava": 32, "llava_next": 32, "qwen2_vl": 28}
+# Qwen2.5-VL-7B and LLaVA-OneVision-7B (Qwen2-7B): 28; Qwen3-VL-8B: 36.
+LLM_LAYERS = {
+    "tiny": 4,
+    "llava": 32,
+    "llava_next": 32,
+    "qwen2_vl": 28,
+    "qwen2_5_vl": 28,
+    "qwen3_vl": 36,
+    "llava_onevision": 28,
+}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, object]:
@@ -124,6 +133,22 @@ def test_other_families():
     qwen = load_recipe("qwen2vl_libra", dummy_overrides("qwen2vl_libra"))
     assert (qwen.model.family, qwen.data.template) == ("qwen2_vl", "chat_template")
     assert qwen.libra["layers"] == [6, 13, 20] and qwen.libra["ratio"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("recipe", "family", "layers"),
+    [
+        ("qwen25vl_libra", "qwen2_5_vl", [6, 13, 20]),
+        ("qwen3vl_libra", "qwen3_vl", [8, 17, 26]),
+        ("llava_ov_libra", "llava_onevision", [6, 13, 20]),
+    ],
+)
+def test_new_family_recipes(recipe, family, layers):
+    cfg = load_recipe(recipe, dummy_overrides(recipe))
+    assert (cfg.model.family, cfg.data.template) == (family, "chat_template")
+    assert cfg.libra["layers"] == layers and cfg.libra["ratio"] == 0.5
+    assert cfg.libra["unit"] == "frame"  # each family's default, written out
+    assert cfg.model.freeze_vision_tower and cfg.model.train_projector and cfg.model.train_llm
 
 
 def test_demo_recipe():

@@ -91,7 +91,7 @@ def test_jsonl_and_json_errors(tmp_path):
             },
             "image_count_mismatch",
         ),
-        ({"id": "s7", "messages": [{"role": "user", "content": [{"type": "video"}]}]}, "bad_format"),
+        ({"id": "s7", "messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "bad_format"),
         (
             {
                 "id": "s8",

@@ -217,28 +217,34 @@ OV_IMAGE, OV_VIDEO = 3, 5
 OV_TILE = 16  # px; patch 4: 16 tokens a tile, 4 a pooled video frame
 
 
+# 2-layer SigLIP (16 px tiles, patch 4) and the model's settings besides the towers and token ids.
+OV_VISION = dict(
+    model_type="siglip_vision_model",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=OV_TILE,
+    patch_size=4,
+)
+OV_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+OV_SETTINGS = dict(
+    vision_feature_select_strategy="full",
+    vision_feature_layer=-1,
+    image_grid_pinpoints=OV_PINPOINTS,
+    vision_aspect_ratio="anyres_max_9",
+)
+
+
 def tiny_llava_onevision(attn: str = "sdpa", seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
     """LLaVA-OneVision: 2-layer SigLIP (16 px tiles, patch 4), a 6-layer Qwen2 LM, anyres_max_9 over 16/32 px grids."""
     torch.manual_seed(seed)
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=OV_TILE,
-        patch_size=4,
-    )
-    text = dict(TEXT_KWARGS, model_type="qwen2")
     config = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=OV_VISION,
+        text_config=dict(TEXT_KWARGS, model_type="qwen2"),
         image_token_index=OV_IMAGE,
         video_token_index=OV_VIDEO,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        image_grid_pinpoints=[[16, 16], [16, 32], [32, 16], [32, 32]],
-        vision_aspect_ratio="anyres_max_9",
+        **OV_SETTINGS,
     )
     return LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
 

@@ -28,13 +28,15 @@ SMALL = [
 ]
 
 
-def run_train(output_dir: Path, overrides: list[str], nproc: int | None = None, timeout: int = 600) -> str:
-    """Run ``train.py recipe=demo`` into ``output_dir`` and return its stdout.
+def run_train(
+    output_dir: Path, overrides: list[str], nproc: int | None = None, timeout: int = 600, recipe: str = "demo"
+) -> str:
+    """Run ``train.py recipe=<recipe>`` into ``output_dir`` and return its stdout.
 
     Args:
         nproc: None = ``python train.py`` (no launcher); N = ``deepspeed --num_gpus N`` (adds ``--local_rank``).
     """
-    args = ["train.py", "recipe=demo", f"train.output_dir={output_dir}", *overrides]
+    args = ["train.py", f"recipe={recipe}", f"train.output_dir={output_dir}", *overrides]
     if nproc is None:
         command = [sys.executable, *args]
     else:
