@@ -218,13 +218,7 @@ class Encoder:
             with Image.open(full) as img:
                 image = img.convert("RGB")
         except Exception as err:  # noqa: BLE001 (see the docstring: the decoder's failures have many types)
-            what = "image" if kind == "image" else "video frame"
-            raise DataError(
-                record.id,
-                f"unreadable_{kind}",
-                f"cannot decode {what} {full} ({type(err).__name__}: {err}); replace the file, {self.hints['skip']}",
-                record.source,
-            ) from err
+            raise self._unreadable(record, full, kind, "decode", f"{type(err).__name__}: {err}") from err
         return expand2square(image, self.background) if self.pad_to_square else image
 
     def image_size(self, record: Record, path: str, kind: str = "image") -> tuple[int, int]:
@@ -234,14 +228,18 @@ class Encoder:
             with Image.open(full) as img:
                 w, h = img.size
         except Exception as err:  # noqa: BLE001 (as in load_image)
-            what = "image" if kind == "image" else "video frame"
-            raise DataError(
-                record.id,
-                f"unreadable_{kind}",
-                f"cannot read {what} {full} ({err}); replace the file, {self.hints['skip']}",
-                record.source,
-            ) from err
+            raise self._unreadable(record, full, kind, "read", str(err)) from err
         return (max(w, h), max(w, h)) if self.pad_to_square else (h, w)
+
+    def _unreadable(self, record: Record, full: str, kind: str, verb: str, detail: str) -> DataError:
+        """The error of an image (or video frame) file that cannot be read or decoded."""
+        what = "image" if kind == "image" else "video frame"
+        return DataError(
+            record.id,
+            f"unreadable_{kind}",
+            f"cannot {verb} {what} {full} ({detail}); replace the file, {self.hints['skip']}",
+            record.source,
+        )
 
     # -- videos -------------------------------------------------------------------------------------------------
     def check_video_support(self, records: Sequence[Record]) -> None:
