@@ -5,22 +5,13 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from libra_train import apply_libra
 from libra_train.data.demo import generate_demo_data
 from libra_train.export import export_checkpoint
 from libra_train.models import build_tiny_llava
 from tests.export.export_helpers import TRAIN_CONFIG, lora_model, save_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread; several threads on a shared 2-core machine spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.threads import _single_thread  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,6 @@ from tests.integrations.trainer_helpers import (
     own_loss_and_metrics,
     processor,
     samples,
-    single_thread,  # noqa: F401  (autouse fixture)
     tiny_model,
     training_args,
 )

@@ -21,7 +21,6 @@ from tests.integrations.trainer_helpers import (
     processor,
     prompt,
     samples,
-    single_thread,  # noqa: F401  (autouse fixture)
     tiny_model,
 )
 

@@ -24,7 +24,6 @@ from tests.integrations.trainer_helpers import (
     logits_of,
     processor,
     samples,
-    single_thread,  # noqa: F401  (autouse fixture)
     tiny_model,
     training_args,
 )

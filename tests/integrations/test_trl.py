@@ -30,7 +30,6 @@ from tests.integrations.trainer_helpers import (  # noqa: E402
     own_loss_and_metrics,
     processor,
     prompt,
-    single_thread,  # noqa: F401  (autouse fixture)
     tiny_model,
     training_args,
 )

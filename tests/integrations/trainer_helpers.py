@@ -13,7 +13,6 @@ import functools
 import warnings
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -33,15 +32,6 @@ QUESTIONS = (
     ("how many blue shapes are there ?", "3"),
     ("what colour is the shape at row 2 column 2 ?", "green"),
 )
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread; several threads on a shared 2-core machine spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.cache

@@ -12,6 +12,8 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
+from tests.threads import _single_thread  # noqa: F401 (autouse fixture)
+
 IMAGE_TOKEN = 3
 PAD = 0
 VOCAB = 64
@@ -174,12 +176,3 @@ def assert_cached_generation_equals_uncached(model, batch: dict, new_tokens: int
             for key in extra_zeros:
                 steps[key] = torch.cat([steps[key], torch.zeros_like(token)], 1)
     return gen
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models run fastest on one thread; several threads on a shared 2-core machine spin and stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
