@@ -33,6 +33,7 @@ from libra_train.plugin.attention import PREFIX, register_hybrid_attention
 from libra_train.plugin.config import LibraConfig
 from libra_train.plugin.families import (
     check_supported,
+    layer_windows,
     spatial_merge,
     video_frame_tokens,
     visual_token_kinds,
@@ -147,6 +148,7 @@ class LibraRuntime:
         self.config = config  # what this model applies; saved with its checkpoints and exports
         check_supported(model, config, self.decoder.config)
         self.points = dict(zip(config.layers, config.ratios))
+        self.windows = layer_windows(self.decoder.config, len(self.layers))  # per layer: window or None
         self.family = getattr(getattr(model, "config", None), "model_type", None)
         self.token_kinds = visual_token_kinds(model)  # placeholder id -> IMAGE / VIDEO
         self.merge = spatial_merge(model)
@@ -322,6 +324,7 @@ class LibraRuntime:
                 position_map=None,
                 decode_stages=stages,
                 rotary=getattr(self.decoder, "rotary_emb", None),
+                windows=self.windows,
             )
         span = current_span()
         found = self._token_kinds(entry, call, span)
@@ -337,7 +340,16 @@ class LibraRuntime:
             self._warn_no_labels(entry)
         rotary = getattr(self.decoder, "rotary_emb", None)
         return begin_prefill(
-            self.config, self.points, self.decoder.config, visual, valid, labels, span, units, rotary
+            self.config,
+            self.points,
+            self.decoder.config,
+            visual,
+            valid,
+            labels,
+            span,
+            units,
+            rotary,
+            self.windows,
         )
 
     def _unit_source(
@@ -390,7 +402,7 @@ class LibraRuntime:
                 kwargs["hidden_states"] = hidden
         if not state.overrides:
             return None
-        kwargs.update(state.overrides)
+        kwargs.update(state.layer_overrides(idx))
         return args, kwargs
 
 

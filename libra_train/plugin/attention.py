@@ -39,11 +39,12 @@ def query_attention(
     query_index: torch.Tensor,
     query_mask: torch.Tensor,
     key_valid: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of selected query rows, averaged over heads and rows: ``[B, L_k]`` float32.
 
-    Softmax over all keys the query may see (causal and padding masks applied), not renormalised over any span;
-    heads are averaged, then the valid query rows of each sample.
+    Softmax over all keys the query may see (causal, sliding-window and padding masks applied), not renormalised
+    over any span; heads are averaged, then the valid query rows of each sample.
 
     Args:
         query: ``[B, H, L_q, d]`` after rotary embedding (prefill: query ``i`` sits at key index ``i``).
@@ -52,10 +53,12 @@ def query_attention(
         query_index: ``[B, Q]`` rows to compute.
         query_mask: ``[B, Q]`` bool, False for padding entries of ``query_index``.
         key_valid: ``[B, L_k]`` bool, the 2-D padding mask.
+        window: the layer's sliding window: a query sees itself and the ``window - 1`` real tokens before it
+            (before compression, keys ``i - window < j <= i``), None: full causal.
     """
     bsz, heads, _, dim = query.shape
     rows = query.gather(2, query_index[:, None, :, None].expand(bsz, heads, query_index.shape[1], dim))
-    return row_attention(rows, key, scaling, query_index, query_mask, key_valid)
+    return row_attention(rows, key, scaling, query_index, query_mask, key_valid, window)
 
 
 @torch.no_grad()
@@ -66,6 +69,7 @@ def row_attention(
     query_index: torch.Tensor,
     query_mask: torch.Tensor,
     key_valid: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor:
     """:func:`query_attention` of query rows already gathered: ``rows [B, H, Q, d]`` sit at ``query_index``."""
     bsz, heads, n_q, dim = rows.shape
@@ -73,8 +77,13 @@ def row_attention(
     rows = rows.float().reshape(bsz, kv_heads, (heads // kv_heads) * n_q, dim)  # [B, H_kv, G*Q, d]
     scores = (rows @ key.float().transpose(-1, -2)) * scaling  # [B, H_kv, G*Q, L_k]
     scores = scores.view(bsz, heads, n_q, length)
-    causal = torch.arange(length, device=key.device) <= query_index[..., None]  # [B, Q, L_k]
-    allowed = causal & key_valid[:, None, :]
+    keys = torch.arange(length, device=key.device)
+    allowed = (keys <= query_index[..., None]) & key_valid[:, None, :]  # [B, Q, L_k] causal and padding
+    if (
+        window is not None
+    ):  # counted in real tokens, as every later sliding layer does (state.real_token_window)
+        rank = key_valid.long().cumsum(-1)  # [B, L_k]
+        allowed = allowed & (rank[:, None, :] > rank.gather(1, query_index)[..., None] - window)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).mean(1)  # [B, Q, L_k]
     weight = query_mask.float()
@@ -100,6 +109,7 @@ def next_layer_importance(
     query_index: torch.Tensor,
     query_mask: torch.Tensor,
     key_valid: torch.Tensor,
+    window: int | None = None,
 ) -> torch.Tensor:
     """PyramidDrop's importance: the attention row the next layer would compute, before it runs: ``[B, L]``.
 
@@ -113,7 +123,7 @@ def next_layer_importance(
             ``scaling``).
         hidden: ``[B, L, D]`` its input (the previous layer's output).
         position_embeddings: ``(cos, sin)`` ``[B|1, L, d]`` the layer would get.
-        query_index, query_mask, key_valid: as in :func:`query_attention`.
+        query_index, query_mask, key_valid, window: as in :func:`query_attention` (``window``: ``layer``'s).
     """
     attn = layer.self_attn
     x = layer.input_layernorm(hidden)  # [B, L, D]
@@ -129,7 +139,7 @@ def next_layer_importance(
     cos, sin = position_embeddings
     query, _ = rotate(query, query, gather_positions(cos, query_index), gather_positions(sin, query_index))
     key, _ = rotate(key, key, cos, sin)
-    return row_attention(query, key, attn.scaling, query_index, query_mask, key_valid)
+    return row_attention(query, key, attn.scaling, query_index, query_mask, key_valid, window)
 
 
 NAME_BLIND_BACKENDS = (

@@ -57,6 +57,24 @@ def uses_mrope(text_config: object) -> bool:
     return False
 
 
+def layer_windows(text_config: object, num_layers: int) -> tuple[int | None, ...]:
+    """Per decoder layer, its sliding attention window (None: full causal attention), as transformers decides it.
+
+    ``layer_types`` where the config has them (Qwen2 and the Qwen-VL text models: ``"sliding_attention"`` from
+    ``max_window_layers`` on when ``use_sliding_window``); otherwise every layer slides when ``sliding_window`` is set
+    (Mistral's rule: its decoder picks ``create_sliding_window_causal_mask`` for all layers). A window ``W`` lets the
+    query at ``i`` see keys ``i - W < j <= i`` (``masking_utils.sliding_window_overlay``); after a compression point
+    it sees its last ``W`` real tokens of the compressed sequence (``state.real_token_window``).
+    """
+    window = getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None)
+    if window is None:
+        return (None,) * num_layers
+    if types is None:
+        return (int(window),) * num_layers
+    return tuple(int(window) if kind == "sliding_attention" else None for kind in types[:num_layers])
+
+
 def check_supported(model: nn.Module, config: LibraConfig, text_config: object) -> None:
     """Raise ``ValueError`` for a config the model cannot run correctly, naming what to change.
 

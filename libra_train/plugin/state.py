@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.masking_utils import create_causal_mask
 
 from libra_train.compress.stage import HostLayout, StagePlan, compress_sequence, unit_counts
@@ -156,6 +156,41 @@ def packed_indices(flags: torch.Tensor, width: int) -> tuple[torch.Tensor, torch
     return order, torch.arange(width, device=flags.device) < flags.sum(1, keepdim=True)
 
 
+def real_token_window(valid: torch.Tensor, window: int) -> Callable[..., torch.Tensor]:
+    """A transformers mask function (``and_mask_function``): the key is one of the query's last ``window`` real
+    tokens (``valid`` ``[B, L_kv]``, the 2-D padding mask over the keys; query indices are key indices).
+
+    After a compression point the rows hold holes (unused compensation slots) between real tokens, so slots are
+    not tokens. The flash kernels unpad the rows and slide over real tokens; this makes sdpa / eager / flex do the
+    same, so every backend computes one function. Before the first point (no holes inside a row) it is
+    transformers' own ``i - window < j``.
+    """
+    rank = valid.long().cumsum(-1)  # [B, L_kv] real tokens up to and including each slot
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return rank[batch_idx, kv_idx] > rank[batch_idx, q_idx] - window
+
+    return inner
+
+
+def unwindow_cache(cache, layers: list[int]) -> None:
+    """Give ``layers`` (sliding layers after a compression point) a whole-sequence cache layer instead of
+    transformers' ``DynamicSlidingWindowLayer``, before they first store anything.
+
+    That layer keeps the last ``W - 1`` *slots*; with compensation holes among them it would drop real tokens a
+    decode step must still see (:func:`real_token_window`). Decision: those layers cache their compressed prefill
+    whole (it is already the short sequence) and the mask applies the window.
+    """
+    held = getattr(cache, "layers", None)
+    for idx in layers:
+        if held is not None and idx < len(held) and isinstance(held[idx], DynamicSlidingWindowLayer):
+            if held[idx].is_initialized:
+                raise RuntimeError(
+                    f"Libra: sliding cache layer {idx} was filled before its compression point"
+                )
+            held[idx] = DynamicLayer()
+
+
 def begin_prefill(
     config: LibraConfig,
     points: dict[int, float],
@@ -166,6 +201,7 @@ def begin_prefill(
     span: SpanOverride | None,
     units: UnitSource | None = None,
     rotary: torch.nn.Module | None = None,
+    windows: tuple[int | None, ...] = (),
 ) -> ForwardState | None:
     """The state of a prefill/training forward, or None when no sample has a visual token to compress.
 
@@ -181,6 +217,7 @@ def begin_prefill(
         span: a ``visual_span`` override holding explicit query positions, if any.
         units: where the compression units come from, or None (one per sample).
         rotary: the decoder's rotary embedding module (``positions="renumber"`` recomputes the phases).
+        windows: each decoder layer's sliding window (``families.layer_windows``; empty: all full attention).
     """
     bsz, length = visual.shape
     if span is not None and span.query_index is not None:  # pinned queries: every sample has them
@@ -220,6 +257,7 @@ def begin_prefill(
         pad_left=all(last_real),
         prefill_length=length,
         rotary=rotary,
+        windows=windows,
         kept_per_stage=[visual.sum(1)],
         tokens_per_stage=[valid.sum(1)],
         widths=[length],
@@ -259,6 +297,9 @@ class ForwardState:
     decode_stages: list[CachedStage] | None = None  # set in decode steps
     importance: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, L] alpha
     overrides: dict[str, object] = field(default_factory=dict)  # kwargs substituted into later layers
+    # the same for the later layers with a sliding window (their own mask), when there are such layers
+    sliding_overrides: dict[str, object] | None = None
+    windows: tuple[int | None, ...] = ()  # per decoder layer: its sliding window, None for full attention
     # [B] visual-derived tokens (merged targets + every compensation token so far) at each stage
     kept_per_stage: list[torch.Tensor] = field(default_factory=list)
     compensation: torch.Tensor | int = 0  # [B] compensation tokens carried so far
@@ -267,9 +308,8 @@ class ForwardState:
     position_maps: list[torch.Tensor] = field(default_factory=list)  # [B, L_k] position map of each stage
     compressed: bool = False
     prefill_length: int = 0  # L of the uncompressed sequence
-    decode_masks: dict[int, dict] = field(
-        default_factory=dict
-    )  # stage start layer -> decode kwargs (mask, ...)
+    # (stage start layer, sliding?) -> decode kwargs (mask, ...)
+    decode_masks: dict[tuple[int, bool], dict] = field(default_factory=dict)
 
     # -- prefill / training -------------------------------------------------------------------------------
     def has_visual(self) -> bool:
@@ -294,7 +334,34 @@ class ForwardState:
                 f"plug-in tracks {self.valid.shape[1]} tokens; compression needs a prefill without a warm cache"
             )
         self.importance[layer_idx] = query_attention(
-            query, key, scaling, self.query_index, self.query_mask, self.valid
+            query, key, scaling, self.query_index, self.query_mask, self.valid, self.window(layer_idx)
+        )
+
+    def window(self, layer_idx: int) -> int | None:
+        """Layer ``layer_idx``'s sliding window, None for full causal attention."""
+        return self.windows[layer_idx] if layer_idx < len(self.windows) else None
+
+    def layer_overrides(self, layer_idx: int) -> dict[str, object]:
+        """The kwargs a prefill substitutes into layer ``layer_idx`` (after a compression point)."""
+        if self.sliding_overrides is not None and self.window(layer_idx) is not None:
+            return self.sliding_overrides
+        return self.overrides
+
+    def _mask(self, layer_idx: int, hidden, valid, cache, position_ids) -> torch.Tensor | None:
+        """The 4-D mask (or the backend's form of it) of layer ``layer_idx`` over ``hidden``'s sequence: causal,
+        with the 2-D padding mask ``valid`` ``[B, L_kv]`` and the layer's cache; within the last ``W`` real tokens
+        on a sliding layer (:func:`real_token_window`)."""
+        window = self.window(layer_idx)
+        return create_causal_mask(  # the cache is positional: "past_key_values" up to 5.23, "cache" from 5.24
+            self.text_config,
+            hidden,
+            valid,
+            cache,
+            position_ids=position_ids,
+            and_mask_function=None if window is None else real_token_window(valid, window),
+            layer_idx=layer_idx if cache is not None else None,
+            # A materialised mask instead of sdpa's "is it plain causal?" check, which reads the mask back.
+            allow_is_causal_skip=False,
         )
 
     def compress(
@@ -315,7 +382,13 @@ class ForwardState:
         old_embeddings = self.overrides.get("position_embeddings", layer_kwargs["position_embeddings"])
         if self.config.importance_source == "next_layer":
             alpha = next_layer_importance(
-                layer, hidden, old_embeddings, self.query_index, self.query_mask, self.valid
+                layer,
+                hidden,
+                old_embeddings,
+                self.query_index,
+                self.query_mask,
+                self.valid,
+                self.window(layer_idx),
             )
         else:
             alpha = self.importance.get(point)
@@ -347,16 +420,18 @@ class ForwardState:
         bsz, new_len = plan.valid.shape
         position_ids = torch.arange(new_len, device=hidden.device).expand(bsz, new_len)
         cache = given_cache(layer_kwargs)
-        mask = create_causal_mask(  # the cache is positional: "past_key_values" up to 5.23, "cache" from 5.24
-            self.text_config,
-            plan.hidden,
-            plan.valid,
-            cache,
-            position_ids=position_ids,
-            layer_idx=layer_idx if cache is not None else None,
-            # A materialised mask instead of sdpa's "is it plain causal?" check, which reads the mask back.
-            allow_is_causal_skip=False,
-        )
+        if cache is not None:
+            unwindow_cache(
+                cache, [i for i in range(layer_idx, len(self.windows)) if self.windows[i] is not None]
+            )
+        # The first later layer of each kind (full / sliding) sizes that kind's mask against its cache layer.
+        first_of: dict[bool, int] = {}
+        for later in range(layer_idx, max(len(self.windows), layer_idx + 1)):
+            first_of.setdefault(self.window(later) is not None, later)
+        masks = {
+            kind: self._mask(first, plan.hidden, plan.valid, cache, position_ids)
+            for kind, first in first_of.items()
+        }
         # Original ids only feed the rotary embeddings; the mask and the layers see a contiguous range
         # (transformers 5 reads gaps in position_ids as packed sequences).
         if self.config.position_rule == "renumber":
@@ -366,9 +441,10 @@ class ForwardState:
             embeddings = (gather_positions(cos, plan.source), gather_positions(sin, plan.source))
         self.overrides = {
             "position_embeddings": embeddings,
-            "attention_mask": mask,
+            "attention_mask": masks.get(False),
             "position_ids": position_ids,
         }
+        self.sliding_overrides = {**self.overrides, "attention_mask": masks[True]} if True in masks else None
         self.position_map = torch.where(plan.kept, self.position_map.gather(1, plan.source), -1)
         self.query_index = plan.dest.gather(1, self.query_index).clamp_min(0)
         self.visual, self.valid, self.occupied, self.layout = (
@@ -441,7 +517,8 @@ class ForwardState:
                 stage = candidate
         if stage is None:
             return None
-        if stage.start_layer not in self.decode_masks:
+        key = (stage.start_layer, self.window(layer_idx) is not None)  # each kind sized by its first layer
+        if key not in self.decode_masks:
             cache = given_cache(layer_kwargs)
             if self.valid is not None:  # the step's full 2-D mask: [B, L + decoded so far]
                 tail = self.valid[:, stage.prefill_length :]
@@ -449,22 +526,20 @@ class ForwardState:
                 new = cache.get_seq_length(stage.start_layer) - stage.valid.shape[1] + hidden.shape[1]
                 tail = torch.ones((stage.valid.shape[0], new), dtype=torch.bool, device=stage.valid.device)
             overrides = {
-                "attention_mask": create_causal_mask(  # positional cache: see compress()
-                    self.text_config,
+                "attention_mask": self._mask(
+                    layer_idx,
                     hidden,
                     torch.cat([stage.valid, tail.to(stage.valid.device)], dim=1),
                     cache,
-                    position_ids=layer_kwargs.get("position_ids"),
-                    layer_idx=stage.start_layer,
-                    allow_is_causal_skip=False,
+                    layer_kwargs.get("position_ids"),
                 )
             }
             if self.config.position_rule == "renumber":
                 overrides["position_embeddings"] = self.rotary(
                     hidden, self._decode_positions(stage, layer_kwargs)
                 )
-            self.decode_masks[stage.start_layer] = overrides
-        return self.decode_masks[stage.start_layer]
+            self.decode_masks[key] = overrides
+        return self.decode_masks[key]
 
     def _decode_positions(self, stage: CachedStage, layer_kwargs: dict) -> torch.Tensor:
         """``[B, q]`` position ids of a decode step in a renumbered stage: the step's own minus what was removed."""

@@ -103,10 +103,10 @@ def _qwen_model(config_class, model_class, vision: dict, attn: str, seed: int, *
     return model_class._from_config(config, attn_implementation=attn).eval()
 
 
-def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2VLForConditionalGeneration:
-    """Qwen2-VL: 1-block tower (patch 2, merge 2), the 6-layer text model above."""
+def tiny_qwen2_vl(attn: str = "sdpa", seed: int = 0, **text) -> Qwen2VLForConditionalGeneration:
+    """Qwen2-VL: 1-block tower (patch 2, merge 2), the 6-layer text model above (``text``: its overrides)."""
     vision = dict(_TOWER, depth=1, embed_dim=16, hidden_size=32, mlp_ratio=2)
-    return _qwen_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, attn, seed)
+    return _qwen_model(Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision, attn, seed, **text)
 
 
 def tiny_qwen2_5_vl(attn: str = "sdpa", seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
