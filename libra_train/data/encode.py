@@ -139,6 +139,20 @@ def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image
     return out
 
 
+def video_decoder_available() -> bool:
+    """Whether transformers can decode a video file here (torchcodec with FFmpeg, or torchvision's old reader)."""
+    from transformers.utils import import_utils
+
+    usable = getattr(import_utils, "is_torchcodec_usable", None)
+    if usable is not None and usable(decode="video"):
+        return True
+    try:
+        from transformers.video_utils import is_torchvision_video_decoding_available
+    except ImportError:
+        return False
+    return bool(is_torchvision_video_decoding_available())
+
+
 class Encoder:
     """Turns `Record`s into tensors for one processor / template / max length.
 
@@ -255,6 +269,7 @@ class Encoder:
                 "models (Qwen2-VL / Qwen2.5-VL, LLaVA-OneVision) train with data.template=chat_template"
             )
         if hasattr(self.processor, "video_processor") and self.video_token_id is not None:
+            self._check_video_decoder(records)
             return
         if getattr(self.processor, "libra_video_missing", False):
             from libra_train.models import TORCHVISION_HINT
@@ -267,6 +282,30 @@ class Encoder:
         raise ValueError(
             f"{where} has a video, but {type(self.processor).__name__} takes no videos; use a video model's "
             "checkpoint (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision) or leave the video samples out of the data"
+        )
+
+    def _check_video_decoder(self, records: Sequence[Record]) -> None:
+        """Raise when a record holds a video *file* and the processor's video part cannot decode one here.
+
+        transformers' video processors decode files with torchcodec, which loads FFmpeg's shared libraries
+        (torchvision's reader, the fallback, is gone from torchvision 0.26). Without them the first video file
+        would stop the run mid-epoch; this stops it at the pre-check. Frame lists need no decoder.
+        """
+        record = next((r for r in records if any(is_video_file(v) for v in r.videos)), None)
+        video_processor = getattr(self.processor, "video_processor", None)
+        if record is None or not any(
+            c.__name__ == "BaseVideoProcessor" for c in type(video_processor).__mro__
+        ):
+            return  # no file, or a video part that is not transformers' (it decodes by its own means)
+        if video_decoder_available():
+            return
+        where = f"sample {record.id!r}" + (f" in {record.source}" if record.source else "")
+        file = next(v[0] for v in record.videos if is_video_file(v))
+        raise ImportError(
+            f"{where} has a video file ({file}), but no video decoder works here: transformers' video processors "
+            "decode files with torchcodec, which needs FFmpeg's shared libraries. Install both (pip install "
+            "torchcodec, the release built for the installed torch; FFmpeg 4-7: apt install ffmpeg or conda "
+            "install ffmpeg), or give the video as a list of frame images"
         )
 
     def load_video(self, record: Record, video: list[str]) -> list[Image.Image] | str:

@@ -4,7 +4,8 @@
 The processors are the families' real classes (their token expansion, their ``mm_token_type_ids``) with the
 video part built by hand (`tests.fixtures.family_checkpoints.QwenVideoStandIn` / `OneVisionVideoStandIn`): every
 transformers video processor needs torchvision, which does not import on these CPU machines. Without it the
-pipeline stops with the install line (tested here too).
+pipeline stops with the install line (tested here too). The stand-ins are checked against the real video
+processors, where torchvision works, in ``test_real_video_processors.py`` (``scripts/check_video_processors.sh``).
 """
 
 from __future__ import annotations
