@@ -14,7 +14,8 @@ PY=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" torchcodec av
 constraint=$(mktemp)
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraint"
-"$VENV/bin/python" -m pip install -q -e ".[dev]" -c "$constraint"
+"$VENV/bin/python" -m pip install -q --no-deps "lmms-eval==0.7.3"   # its video-file requests (the libra model)
+"$VENV/bin/python" -m pip install -q -e ".[dev,lmms-eval-light]" -c "$constraint"
 rm -f "$constraint"
 command -v ffmpeg >/dev/null || echo "note: no FFmpeg found: the video-file tests will fail to decode (apt install ffmpeg)"
 OMP_NUM_THREADS=1 "$VENV/bin/python" -m pytest -n 0 -p no:cacheprovider tests/data/test_real_video_processors.py "$@"

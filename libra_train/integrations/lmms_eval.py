@@ -27,8 +27,8 @@ for DeepSpeed checkpoints, so the merge config and the chat template are the one
 Requests:
 
 - ``generate_until``: ``libra_train.inference.generate`` (the prompt rendered with the training template,
-  images prepared as in training, left-padded batches of ``batch_size``, KV cache, compression in the
-  prefill with the last prompt token as the query). Batches keep lmms-eval's request order within a task
+  images and videos prepared as in training (video files decoded by the processor: ``_query``), left-padded
+  batches of ``batch_size``, KV cache, compression in the prefill with the last prompt token as the query). Batches keep lmms-eval's request order within a task
   and generation setting (no length sorting: a run then reproduces ``scripts/evaluate.py``'s batches, and
   the prompts are dominated by the image tokens anyway). ``until`` strings cut the decoded text; decoding
   itself stops at end-of-sequence or ``max_new_tokens``. Greedy unless the task asks for sampling; beam
@@ -350,32 +350,49 @@ class LibraLMM(lmms):
         return self.task_dict[task][split][doc_id]
 
     def _query(self, request: Instance) -> Any:
-        """The request's user turn and images as a ``Query``; one ``<image>`` placeholder per image, prepended
-        when the task's prompt has none (MME, GQA, ... do not write them), as LLaVA's evaluation does.
+        """The request's user turn, images and videos as a ``Query``; one ``<video>`` / ``<image>`` placeholder
+        per video / image, prepended (videos first) when the task's prompt has none (MME, GQA, Video-MME, ... do
+        not write them), as LLaVA's and LLaVA-OneVision's evaluations do.
 
+        Visuals (``doc_to_visual``): PIL images; video files (a path with a video suffix: the processor's video
+        part decodes and samples it, as lmms-eval's own video models do); a video as a list of PIL frames.
         Both request types carry ``(context, gen_kwargs | continuation, doc_to_visual, doc_id, task, split)``.
         """
-        from libra_train.data.records import IMAGE_PLACEHOLDER
+        from libra_train.data.records import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, is_video_file
         from libra_train.inference.generation import Query
 
         context, _, doc_to_visual, doc_id, task, split = request.args
         visuals = doc_to_visual(self._doc(task, split, doc_id)) if doc_to_visual is not None else None
-        images = []
+        images, videos = [], []
         for visual in visuals or []:
-            if not isinstance(visual, Image.Image):
+            if isinstance(visual, Image.Image):
+                images.append(visual)
+            elif isinstance(visual, (str, os.PathLike)) and is_video_file([os.fspath(visual)]):
+                videos.append([os.fspath(visual)])
+            elif (
+                isinstance(visual, (list, tuple))
+                and visual
+                and all(isinstance(f, Image.Image) for f in visual)
+            ):
+                videos.append(list(visual))
+            else:
                 raise ValueError(
-                    f"task {task!r}, doc {doc_id}: a {type(visual).__name__} visual (video or audio?); "
-                    f"--model {MODEL_NAME} evaluates images only"
+                    f"task {task!r}, doc {doc_id}: a {type(visual).__name__} visual ({str(visual)[:80]!r}); "
+                    f"--model {MODEL_NAME} takes PIL images, video files and videos as lists of PIL frames"
                 )
-            images.append(visual)
-        missing = len(images) - context.count(IMAGE_PLACEHOLDER)
-        if missing < 0:
-            raise ValueError(
-                f"task {task!r}, doc {doc_id}: the prompt has {context.count(IMAGE_PLACEHOLDER)} "
-                f"{IMAGE_PLACEHOLDER} placeholders for {len(images)} image(s)"
-            )
-        text = f"{IMAGE_PLACEHOLDER}\n" * missing + context
-        return Query([("user", text)], images, f"{task}:{doc_id}")
+        text = context
+        for placeholder, items, what in (
+            (IMAGE_PLACEHOLDER, images, "image"),
+            (VIDEO_PLACEHOLDER, videos, "video"),
+        ):
+            missing = len(items) - context.count(placeholder)
+            if missing < 0:
+                raise ValueError(
+                    f"task {task!r}, doc {doc_id}: the prompt has {context.count(placeholder)} {placeholder} "
+                    f"placeholders for {len(items)} {what}(s)"
+                )
+            text = f"{placeholder}\n" * missing + text
+        return Query([("user", text)], images, f"{task}:{doc_id}", videos)
 
     def _report(self, tasks: Iterable[str]) -> None:
         for task in sorted(set(tasks)):
@@ -478,4 +495,9 @@ def _record(query: Any, continuation: str) -> Any:
     if not continuation.strip():
         raise ValueError(f"request {query.id!r}: an empty continuation cannot be scored")
     # lmms-eval prefixes choices with its target delimiter (" "); the template adds its own separator.
-    return Record(query.id, list(query.images), [*query.turns, ("assistant", continuation.strip())])
+    return Record(
+        query.id,
+        list(query.images),
+        [*query.turns, ("assistant", continuation.strip())],
+        videos=[list(video) for video in query.videos],
+    )

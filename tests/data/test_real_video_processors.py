@@ -4,7 +4,8 @@
 On the CPU machines torchvision does not import beside torch 2.13, so these tests are skipped there and the
 other video tests use hand-built stand-ins (``tests/fixtures/family_checkpoints.py``). Here the stand-ins are
 checked against the real processors, and every video family (Qwen3-VL too: per-frame runs with timestamp text,
-frames sampled by the processor) trains and generates from video records and a real video file. Run them with
+frames sampled by the processor) trains and generates from video records and a real video file (also through
+the lmms-eval ``libra`` model). Run them with
 ``bash scripts/check_video_processors.sh`` (a separate venv with torch 2.14.1 + torchvision 0.29.1, ~6 GB).
 """
 
@@ -203,3 +204,25 @@ def test_a_video_file_without_a_decoder_stops_at_the_precheck(folder, monkeypatc
     assert _dataset(folder, records[:1], processor, "frames-only.json")[0]["video_grid_thw"].tolist() == [
         [1, 8, 8]
     ]
+
+
+def test_lmms_eval_video_file_requests_are_decoded_and_compressed(folder, tmp_path):
+    """lmms-eval's video tasks hand ``doc_to_visual`` video paths: the ``libra`` model loads a saved checkpoint
+    with its real video part, which decodes and samples the file; the video is compressed."""
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed: bash scripts/install_lmms_eval.sh")
+    from lmms_eval.api.instance import Instance
+
+    from libra_train.integrations.lmms_eval import LibraLMM
+
+    clip = str(_write_clip(folder / "clip.mp4"))
+    path = save_family_checkpoint("qwen3_vl", tmp_path / "qwen3_vl")
+    lm = LibraLMM(pretrained=str(path), method="libra", layers=[2, 3], ratio=0.5, unit="frame")
+    lm.task_dict = {"clips": {"test": [{"video": clip}]}}
+    gen = {"max_new_tokens": 3, "temperature": 0, "do_sample": False, "until": []}
+    args = (QUESTION, gen, lambda doc: [doc["video"]], 0, "clips", "test")
+    (answer,) = lm.generate_until(
+        [Instance("generate_until", args, idx=0, metadata={"task": "clips", "doc_id": 0, "repeats": 1})]
+    )
+    assert isinstance(answer, str)
+    (tokens,) = lm.visual_tokens.rows["clips"]
+    assert tokens[0] > 0 and tokens[-1] < tokens[0]
