@@ -176,3 +176,24 @@ def assert_cached_generation_equals_uncached(model, batch: dict, new_tokens: int
             for key in extra_zeros:
                 steps[key] = torch.cat([steps[key], torch.zeros_like(token)], 1)
     return gen
+
+
+def recorded_next_layer_importance(model, config, batch: dict, monkeypatch) -> torch.Tensor:
+    """Apply ``config`` (``importance="next_layer"``, one point) to ``model``, run ``batch`` and return the
+    next-layer importance the plug-in computed: ``[B, L]``."""
+    import libra_train.plugin.state as state_module
+    from libra_train import apply_libra
+
+    seen = []
+    original = state_module.next_layer_importance
+
+    def record(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(state_module, "next_layer_importance", record)
+    apply_libra(model, config)
+    with torch.no_grad():
+        model(**batch)
+    assert len(seen) == 1
+    return seen[0]

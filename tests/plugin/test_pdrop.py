@@ -18,7 +18,7 @@ from libra_train.compress.schedule import kept_of_original
 from libra_train.plugin import libra_runtime
 from libra_train.plugin.loss import shift_labels_through_map
 from libra_train.plugin.state import ForwardState
-from tests.plugin.conftest import IGNORE, tiny_llama
+from tests.plugin.conftest import IGNORE, recorded_next_layer_importance, tiny_llama
 from tests.plugin.family_models import collate_qwen, qwen_sample, tiny_qwen2_5_vl, tiny_qwen3_vl
 from tests.plugin.pdrop_reference import pdrop_forward, pdrop_generate, reference_batch
 
@@ -135,24 +135,6 @@ def test_renumbering_changes_what_later_layers_see(positions):
 
 
 # -- the next-layer importance -----------------------------------------------------------------------------------
-def _recorded_importance(model, config, batch, monkeypatch) -> torch.Tensor:
-    import libra_train.plugin.state as state_module
-
-    seen = []
-    original = state_module.next_layer_importance
-
-    def record(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(state_module, "next_layer_importance", record)
-    apply_libra(model, config)
-    with torch.no_grad():
-        model(**batch)
-    assert len(seen) == 1
-    return seen[0]
-
-
 @pytest.mark.parametrize(
     "build", [tiny_qwen2_5_vl, tiny_qwen3_vl], ids=["qwen2_5_vl-mrope-bias", "qwen3_vl-qk-norm"]
 )
@@ -167,7 +149,7 @@ def test_next_layer_importance_is_the_next_layers_attention_row(build, monkeypat
     with torch.no_grad():
         attentions = build("eager")(**batch, output_attentions=True).attentions
     config = LibraConfig(method="fastv", layers=[1], ratio=0.5, importance="next_layer")
-    alpha = _recorded_importance(build("sdpa"), config, batch, monkeypatch)
+    alpha = recorded_next_layer_importance(build("sdpa"), config, batch, monkeypatch)
     last = batch["attention_mask"].sum(1) - 1
     expected = torch.stack([attentions[2][b].mean(0)[last[b]] for b in range(2)])  # layer 2, heads averaged
     torch.testing.assert_close(alpha, expected, rtol=1e-5, atol=1e-6)

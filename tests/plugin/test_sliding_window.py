@@ -17,7 +17,6 @@ import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
-import libra_train.plugin.state as state_module
 from libra_train import LibraConfig, apply_libra
 from libra_train.plugin import libra_runtime
 from libra_train.plugin.state import ForwardState
@@ -28,6 +27,7 @@ from tests.plugin.conftest import (
     assert_cached_generation_equals_uncached,
     collate,
     llava_sample,
+    recorded_next_layer_importance,
     tiny_clip_config,
 )
 from tests.plugin.family_models import collate_qwen, qwen_sample, tiny_qwen2_vl
@@ -118,23 +118,14 @@ def test_importance_at_a_sliding_point_is_the_eager_attention_row(name, monkeypa
 
 def test_next_layer_importance_of_a_sliding_layer_is_its_attention_row(monkeypatch):
     """PyramidDrop's importance (the row the next layer will compute) honours that layer's window."""
-    seen = []
-    original = state_module.next_layer_importance
-
-    def record(*args, **kwargs):
-        seen.append(original(*args, **kwargs))
-        return seen[-1]
-
-    monkeypatch.setattr(state_module, "next_layer_importance", record)
     batch = qwen_batch("right")
     with torch.no_grad():
         attentions = qwen_sliding("eager")(**batch, output_attentions=True).attentions
-    model = apply_libra(qwen_sliding(), LibraConfig(method="fastv", layers=[2], importance="next_layer"))
-    with torch.no_grad():
-        model(**batch)
+    config = LibraConfig(method="fastv", layers=[2], importance="next_layer")
+    alpha = recorded_next_layer_importance(qwen_sliding(), config, batch, monkeypatch)
     last = batch["attention_mask"].sum(1) - 1
     expected = torch.stack([attentions[SLIDING_FROM][b].mean(0)[last[b]] for b in range(2)])
-    torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alpha, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
