@@ -68,6 +68,12 @@ def layer_windows(text_config: object, num_layers: int) -> tuple[int | None, ...
     """
     window = getattr(text_config, "sliding_window", None)
     types = getattr(text_config, "layer_types", None)
+    other = sorted({kind for kind in types or () if kind not in ("full_attention", "sliding_attention")})
+    if other:  # chunked (Llama 4), linear (Qwen3-Next), ...: masks the plug-in does not rebuild
+        raise ValueError(
+            f"layer_types {other} of this text model are not supported by Libra-Merging, which rebuilds the masks "
+            "of full_attention and sliding_attention layers only after a compression point"
+        )
     if window is None:
         return (None,) * num_layers
     if types is None:

@@ -13,12 +13,15 @@ gets the window from the attention's ``sliding_window`` kwarg) and cached genera
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
 from libra_train import LibraConfig, apply_libra
 from libra_train.plugin import libra_runtime
+from libra_train.plugin.families import layer_windows
 from libra_train.plugin.state import ForwardState
 from tests.plugin import flash_standin
 from tests.plugin.conftest import (
@@ -206,3 +209,11 @@ def test_cached_generation_with_sliding_caches_equals_uncached(name):
             assert held == WINDOW - 1  # the window cache dropped keys
         elif i >= 2:
             assert held == cache.get_seq_length(i) > WINDOW  # the whole compressed sequence
+
+
+def test_other_layer_types_are_refused():
+    """Chunked or linear attention layers (Llama 4, Qwen3-Next) have masks the plug-in does not rebuild."""
+    config = SimpleNamespace(sliding_window=None, layer_types=["full_attention", "chunked_attention"])
+    with pytest.raises(ValueError, match=r"\['chunked_attention'\].*not supported"):
+        layer_windows(config, 2)
+    assert layer_windows(SimpleNamespace(sliding_window=8, layer_types=None), 2) == (8, 8)  # Mistral's rule
