@@ -36,6 +36,8 @@ from libra_train.flops import LLMShape, libra_points, schedule_flops
 
 FULL = "full"  # the uncompressed row of each phase
 REFERENCE = "libra"  # the method the paired differences are taken against
+# The Libra row that removes the same tokens at the same points as a method of each schedule (its equal-budget pair)
+SAME_POINTS_REFERENCE = {"early": "libra-1pt", "quarters": REFERENCE}
 PHASES = ("free", "aware")  # training-free (a full-token model compressed at test time); compression-aware
 
 
@@ -260,7 +262,9 @@ def aggregate(cells: list[dict[str, Any]], level: float = 0.95) -> list[dict[str
     ``binomial`` (Wilson interval of all its questions pooled), ``by_type`` (per type: the seed interval and
     the pooled ``correct`` / ``total``), ``visual_tokens`` (per stage, mean over seeds), ``text_tokens``,
     ``flops_ratio`` (mean), ``delta_vs_full`` and ``delta_vs_libra`` (paired intervals over the seeds both
-    rows have; None for the row itself or when no seed is shared).
+    rows have; None for the row itself or when no seed is shared) and ``delta_equal_budget``: against the Libra
+    row at the same points (`SAME_POINTS_REFERENCE`: ``libra-1pt`` for FastV's single point), None for Libra's
+    own rows and where the phase has no such row.
     """
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for c in cells:
@@ -299,11 +303,15 @@ def aggregate(cells: list[dict[str, Any]], level: float = 0.95) -> list[dict[str
             "text_tokens": sum(c["text_tokens"] for c in members) / len(members),
             "flops_ratio": sum(c["flops_ratio"] for c in members) / len(members),
         }
+        schedule = next((m.points for m in METHODS if m.name == method), None)
+        pair = SAME_POINTS_REFERENCE.get(schedule)
         for name, other in (
             ("delta_vs_full", (phase, FULL, None)),
             ("delta_vs_libra", (phase, REFERENCE, ratio)),
+            ("delta_equal_budget", (phase, pair, ratio)),
         ):
-            row[name] = _paired(members, groups.get(other, []), level) if other != key else None
+            ours = other == key or (name == "delta_equal_budget" and method in SAME_POINTS_REFERENCE.values())
+            row[name] = None if ours else _paired(members, groups.get(other, []), level)
         rows.append(row)
     return rows
 

@@ -23,6 +23,8 @@ FIELDS: dict[str, str] = {
     "flops_ratio": "LLM prefill FLOPs (libra_train.flops, paper formula) of the mean token counts / full tokens",
     "delta_vs_full": "paired over seeds: accuracy - accuracy of full in the same phase (t-interval; excludes_zero)",
     "delta_vs_libra": "paired over seeds: accuracy - accuracy of libra at the same phase and ratio",
+    "delta_equal_budget": "paired over seeds: accuracy - accuracy of the Libra row at the same points, phase and "
+    "ratio (libra-1pt for fastv's single point, libra for the others; null for those two)",
 }
 ABLATIONS = ("libra", "libra-1pt", "prune", "mean", "igm_pos", "igm_neg")
 
@@ -72,7 +74,8 @@ def markdown(report: dict[str, Any]) -> str:
         "freedom); `SE` = sd / sqrt(n); `binomial` = the Wilson 95% half-width of all questions pooled "
         "(the noise of the finite question set alone).",
         "- Δ columns: paired over seeds (same model, same questions), percentage points ± 95% t half-width; "
-        "`*` = the interval excludes 0.",
+        "`*` = the interval excludes 0. `Δ same points`: against the Libra row that removes as many tokens at "
+        "the same points (the equal-budget pair: `libra-1pt` for `fastv`, `libra` for the rest).",
         f"- Machine {meta['machine']}; load average before / after: {meta['load_before']} / {meta['load_after']}.",
     ]
     if meta.get("skipped_methods"):
@@ -87,7 +90,7 @@ def markdown(report: dict[str, Any]) -> str:
             continue
         lines += ["", f"## {title}", ""]
         head = ["method", "points", "visual tokens per stage", "FLOPs", "accuracy", "SE", "binomial",
-                "Δ vs full", f"Δ vs {REFERENCE}", *types]  # fmt: skip
+                "Δ vs full", f"Δ vs {REFERENCE}", "Δ same points", *types]  # fmt: skip
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in phase_rows:
             acc = r["accuracy"]
@@ -101,6 +104,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"± {_pct(r['binomial']['half_width'])}",
                 _pm(r["delta_vs_full"], signed=True),
                 _pm(r["delta_vs_libra"], signed=True),
+                _pm(r.get("delta_equal_budget"), signed=True),
                 *(_pm(r["by_type"][t]["accuracy"]) if t in r["by_type"] else "-" for t in types),
             ]
             lines.append("| " + " | ".join(cells) + " |")

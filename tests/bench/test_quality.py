@@ -177,6 +177,9 @@ def test_aggregate_pairs_seeds_and_pools_questions():
     assert libra["delta_vs_full"]["mean"] == pytest.approx(-0.10) and libra["delta_vs_full"]["excludes_zero"]
     assert fastv["delta_vs_libra"]["mean"] == pytest.approx(-0.0933, abs=1e-4)
     assert fastv["delta_vs_libra"]["seeds"] == [0, 1, 2] and libra["delta_vs_libra"] is None
+    assert (
+        fastv["delta_equal_budget"] is None and libra["delta_equal_budget"] is None
+    )  # no libra-1pt measured
     assert libra["by_type"]["count"] == {
         "accuracy": seed_interval([0.6] * 3).to_dict(),
         "correct": 90,
@@ -200,6 +203,7 @@ def test_report_files(tmp_path):
     assert set(data["fields"]) >= set(data["rows"][0])  # every row field is explained
     md = (tmp_path / "quality.md").read_text()
     assert "| method | points | visual tokens per stage | FLOPs | accuracy | SE | binomial |" in md
+    assert "| Δ vs full | Δ vs libra | Δ same points | colour |" in md
     assert md.index("| colour") < md.index("| count")  # the demo's order: colour, shape, count
     assert "| fastv R=0.8 | {0} | 36.0 | 0.700 | 60.7 ± " in md and "-9.3 ± " in md
     assert "Not measured (unknown to the installed LibraConfig): pdrop" in md
@@ -219,3 +223,19 @@ def test_weights_fingerprint_follows_the_weight_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no weight files"):
         weights_fingerprint(tmp_path / "empty")
+
+
+def test_equal_budget_pairs_fastv_with_libra_at_its_single_point():
+    """FastV's single point is paired with ``libra-1pt`` (the same tokens removed at the same point), the
+    three-point methods with ``libra``; the Libra rows have no such difference of their own."""
+    cells = _cells()
+    for seed, correct in enumerate([66, 80, 58]):  # 6, 8, 8 above fastv
+        cells.append(
+            _cell(seed, "free", "libra-1pt", 0.8, correct, {"colour": (correct - 30, 50), "count": (30, 50)})
+        )
+        cells.append(_cell(seed, "free", "turbo", 0.8, 65, {"colour": (35, 50), "count": (30, 50)}))
+    rows = {r["method"]: r for r in aggregate(cells) if r["phase"] == "free"}
+    assert rows["fastv"]["delta_equal_budget"]["mean"] == pytest.approx(-22 / 300)
+    assert rows["fastv"]["delta_equal_budget"]["excludes_zero"]
+    assert rows["turbo"]["delta_equal_budget"] == rows["turbo"]["delta_vs_libra"]
+    assert rows["libra-1pt"]["delta_equal_budget"] is None and rows["libra"]["delta_equal_budget"] is None
