@@ -28,9 +28,9 @@ Requests:
 
 - ``generate_until``: ``libra_train.inference.generate`` (the prompt rendered with the training template,
   images and videos prepared as in training (video files decoded by the processor: ``_query``), left-padded
-  batches of ``batch_size``, KV cache, compression in the prefill with the last prompt token as the query). Batches keep lmms-eval's request order within a task
-  and generation setting (no length sorting: a run then reproduces ``scripts/evaluate.py``'s batches, and
-  the prompts are dominated by the image tokens anyway). ``until`` strings cut the decoded text; decoding
+  batches of ``batch_size``, KV cache, compression in the prefill with the last prompt token as the query).
+  Batches keep lmms-eval's request order within a task and generation setting (no length sorting: a run then
+  reproduces ``scripts/evaluate.py``'s batches, and the prompts are dominated by the image tokens anyway). ``until`` strings cut the decoded text; decoding
   itself stops at end-of-sequence or ``max_new_tokens``. Greedy unless the task asks for sampling; beam
   search is refused (the compressed KV cache is not reordered per beam).
 - ``loglikelihood`` (multiple-choice tasks): the context is the user turn and the continuation the

@@ -79,9 +79,8 @@ def row_attention(
     scores = scores.view(bsz, heads, n_q, length)
     keys = torch.arange(length, device=key.device)
     allowed = (keys <= query_index[..., None]) & key_valid[:, None, :]  # [B, Q, L_k] causal and padding
-    if (
-        window is not None
-    ):  # counted in real tokens, as every later sliding layer does (state.real_token_window)
+    # A sliding window counts real tokens, as every later sliding layer does (state.real_token_window).
+    if window is not None:
         rank = key_valid.long().cumsum(-1)  # [B, L_k]
         allowed = allowed & (rank[:, None, :] > rank.gather(1, query_index)[..., None] - window)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))
