@@ -80,7 +80,7 @@ def row_attention(
     keys = torch.arange(length, device=key.device)
     allowed = (keys <= query_index[..., None]) & key_valid[:, None, :]  # [B, Q, L_k] causal and padding
     # A sliding window counts real tokens, as every later sliding layer does (state.real_token_window).
-    if window is not None:
+    if window is not None and length > window:
         rank = key_valid.long().cumsum(-1)  # [B, L_k]
         allowed = allowed & (rank[:, None, :] > rank.gather(1, query_index)[..., None] - window)
     scores = scores.masked_fill(~allowed[:, None], float("-inf"))

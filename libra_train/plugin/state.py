@@ -352,6 +352,8 @@ class ForwardState:
         with the 2-D padding mask ``valid`` ``[B, L_kv]`` and the layer's cache; within the last ``W`` real tokens
         on a sliding layer (:func:`real_token_window`)."""
         window = self.window(layer_idx)
+        if window is not None and valid.shape[-1] <= window:  # no key can be W tokens back: plain causal
+            window = None
         return create_causal_mask(  # the cache is positional: "past_key_values" up to 5.23, "cache" from 5.24
             self.text_config,
             hidden,

@@ -44,12 +44,14 @@ def qwen_sliding(attn: str = "sdpa"):
     return tiny_qwen2_vl(attn, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=SLIDING_FROM)
 
 
-def llava_mistral(attn: str = "sdpa", seed: int = 0) -> LlavaForConditionalGeneration:
+def llava_mistral(
+    attn: str = "sdpa", seed: int = 0, window: int | None = WINDOW
+) -> LlavaForConditionalGeneration:
     """The tiny LLaVA with a Mistral text model: no ``layer_types``, every layer slides (``sliding_window``)."""
     torch.manual_seed(seed)
     config = LlavaConfig(
         vision_config=tiny_clip_config(),
-        text_config=MistralConfig(**TEXT_KWARGS, sliding_window=WINDOW),
+        text_config=MistralConfig(**TEXT_KWARGS, sliding_window=window),
         image_token_id=IMAGE_TOKEN,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -217,3 +219,19 @@ def test_other_layer_types_are_refused():
     with pytest.raises(ValueError, match=r"\['chunked_attention'\].*not supported"):
         layer_windows(config, 2)
     assert layer_windows(SimpleNamespace(sliding_window=8, layer_types=None), 2) == (8, 8)  # Mistral's rule
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_window_longer_than_the_sequence_is_the_full_model(side):
+    """Mistral-style configs set a window (4096) longer than most sequences: then the compressed model is the one
+    without a window (the same weights), on the plain causal mask."""
+    config = LibraConfig(layers=[1, 3], ratio=0.5)
+    batch = llava_batch(side, labels=side == "right")
+    windowed = apply_libra(llava_mistral(window=4096), config)
+    plain = apply_libra(llava_mistral(window=None), config)
+    assert libra_runtime(windowed).windows == (4096,) * 6 and libra_runtime(plain).windows == (None,) * 6
+    with torch.no_grad():
+        got, want = windowed(**batch), plain(**batch)
+    real = want.libra_attention_mask
+    assert torch.equal(got.libra_position_map, want.libra_position_map)
+    torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-5, atol=1e-6)
