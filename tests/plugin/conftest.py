@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 import torch
 from transformers import (
@@ -197,3 +199,35 @@ def recorded_next_layer_importance(model, config, batch: dict, monkeypatch) -> t
         model(**batch)
     assert len(seen) == 1
     return seen[0]
+
+
+class ImportanceRecord(NamedTuple):
+    """One importance the plug-in recorded (at a compression layer of a prefill)."""
+
+    layer: int
+    alpha: torch.Tensor  # [B, L] the query rows' attention, over the sequence that layer holds
+    position_map: torch.Tensor  # [B, L] original position of each of those tokens
+    query_index: torch.Tensor  # [B, Q] the query rows, in that sequence
+
+
+@pytest.fixture
+def recorded_importance(monkeypatch) -> list[ImportanceRecord]:
+    """Every importance the plug-in records from now on, in order."""
+    from libra_train.plugin.state import ForwardState
+
+    records: list[ImportanceRecord] = []
+    original = ForwardState.record_importance
+
+    def record(self, layer_idx, query, key, scaling):
+        original(self, layer_idx, query, key, scaling)
+        records.append(
+            ImportanceRecord(
+                layer_idx,
+                self.importance[layer_idx].clone(),
+                self.position_map.clone(),
+                self.query_index.clone(),
+            )
+        )
+
+    monkeypatch.setattr(ForwardState, "record_importance", record)
+    return records

@@ -11,22 +11,7 @@ import torch
 
 from libra_train import LibraConfig, apply_libra, visual_span
 from libra_train.plugin.attention import query_attention
-from libra_train.plugin.state import ForwardState
 from tests.plugin.conftest import IGNORE, collate, llava_sample, tiny_llama, tiny_llava
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Every importance the plug-in records: ``(layer, alpha [B, L], state.position_map [B, L])``."""
-    records = []
-    original = ForwardState.record_importance
-
-    def record(self, layer_idx, query, key, scaling):
-        original(self, layer_idx, query, key, scaling)
-        records.append((layer_idx, self.importance[layer_idx].clone(), self.position_map.clone()))
-
-    monkeypatch.setattr(ForwardState, "record_importance", record)
-    return records
 
 
 def _expected_rows(attentions: torch.Tensor, queries: list[list[int]]) -> torch.Tensor:
@@ -56,7 +41,7 @@ SAMPLES = [
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("mode", ["answer_starts", "last_instruction", "inference"])
-def test_importance_is_the_eager_attention_row(recorded, attn, side, mode):
+def test_importance_is_the_eager_attention_row(recorded_importance, attn, side, mode):
     batch = collate(SAMPLES, side)
     labels = batch.pop("labels")
     reference = tiny_llava("eager")
@@ -70,33 +55,33 @@ def test_importance_is_the_eager_attention_row(recorded, attn, side, mode):
     query = mode if mode != "inference" else "answer_starts"
     model = apply_libra(tiny_llava(attn), LibraConfig(layers=[1, 3], ratio=0.5, query=query))
     model(**batch, **({} if mode == "inference" else {"labels": labels}))
-    assert [layer for layer, *_ in recorded] == [1, 3]
-    layer, alpha, _ = recorded[0]
+    assert [r.layer for r in recorded_importance] == [1, 3]
+    layer, alpha = recorded_importance[0][:2]
     torch.testing.assert_close(alpha, _expected_rows(attentions[1], queries), rtol=1e-5, atol=1e-7)
     assert torch.allclose(alpha.sum(1), torch.ones(2))  # a full softmax row: not renormalised over the image
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_second_point_importance_is_the_compressed_attention_row(recorded, side):
+def test_second_point_importance_is_the_compressed_attention_row(recorded_importance, side):
     """At the second point the sequence is compressed: compare with the eager probabilities of that layer."""
     batch = collate(SAMPLES, side)
     labels = batch.pop("labels")
     originals = _label_queries(labels)
     model = apply_libra(tiny_llava("eager"), LibraConfig(layers=[1, 3], ratio=0.5, theta=0.9))
     out = model(**batch, labels=labels, output_attentions=True)
-    (_, first, _), (_, alpha, position_map) = recorded
+    (_, first, *_), (_, alpha, position_map, _) = recorded_importance
     assert alpha.shape[1] < first.shape[1]
     # the query tokens' places in the sequence the layer saw, through the map of that sequence
     queries = [[position_map[b].tolist().index(q) for q in qs] for b, qs in enumerate(originals)]
     torch.testing.assert_close(alpha, _expected_rows(out.attentions[3], queries), rtol=1e-5, atol=1e-7)
 
-    recorded.clear()  # the sdpa model records the same numbers
+    recorded_importance.clear()  # the sdpa model records the same numbers
     apply_libra(tiny_llava("sdpa"), LibraConfig(layers=[1, 3], ratio=0.5, theta=0.9))(**batch, labels=labels)
-    torch.testing.assert_close(recorded[1][1], alpha, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(recorded_importance[1].alpha, alpha, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_explicit_query_index_on_a_text_model(recorded, attn):
+def test_explicit_query_index_on_a_text_model(recorded_importance, attn):
     """A text LM with ``visual_span``: several explicit query tokens, left padding, GQA (4 heads, 2 kv heads)."""
     ids = torch.randint(4, 64, (2, 20), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -108,7 +93,7 @@ def test_explicit_query_index_on_a_text_model(recorded, attn):
     model = apply_libra(tiny_llama(attn), LibraConfig(layers=[2], ratio=0.5))
     with visual_span(visual, query_index=query_index):
         model(input_ids=ids, attention_mask=mask)
-    ((layer, alpha, _),) = recorded
+    ((layer, alpha, *_),) = recorded_importance
     assert layer == 2
     torch.testing.assert_close(
         alpha, _expected_rows(attentions[2], query_index.tolist()), rtol=1e-5, atol=1e-7

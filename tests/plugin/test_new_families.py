@@ -20,7 +20,6 @@ import torch
 from libra_train import LibraConfig, apply_libra
 from libra_train.plugin import libra_runtime, visual_span
 from libra_train.plugin.apply import find_decoder
-from libra_train.plugin.state import ForwardState
 from tests.plugin import flash_standin
 from tests.plugin.conftest import IGNORE, assert_cached_generation_equals_uncached
 from tests.plugin.family_models import (
@@ -225,7 +224,7 @@ def test_cached_generation_equals_uncached_forward(name):
 # -- importance -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("with_labels", [False, True], ids=["infer", "train"])
-def test_importance_is_the_eager_attention_row(name, with_labels, monkeypatch):
+def test_importance_is_the_eager_attention_row(name, with_labels, recorded_importance):
     case = CASES[name]
     reference = case.build("eager")
     batch = case.collate(case.samples(reference), "right", labels=True)
@@ -240,18 +239,11 @@ def test_importance_is_the_eager_attention_row(name, with_labels, monkeypatch):
         ]
     else:
         queries = [[int(m.nonzero().max())] for m in batch["attention_mask"]]
-    records = []
-    original = ForwardState.record_importance
-
-    def record(self, layer_idx, query, key, scaling):
-        original(self, layer_idx, query, key, scaling)
-        records.append((layer_idx, self.importance[layer_idx].clone()))
-
-    monkeypatch.setattr(ForwardState, "record_importance", record)
     model = apply_libra(case.build("sdpa"), CFG)
     with torch.no_grad():
         model(**batch, **({"labels": labels} if with_labels else {}))
-    (layer, alpha), _ = records
+    first, _ = recorded_importance
+    layer, alpha = first.layer, first.alpha
     assert layer == 1
     expected = torch.stack([attentions[1][b][:, q].mean(0).mean(0) for b, q in enumerate(queries)])
     torch.testing.assert_close(alpha, expected, rtol=1e-5, atol=1e-6)

@@ -2,13 +2,13 @@
 ``max_window_layers`` on slide) and a Mistral-style LLaVA (``sliding_window`` set, every layer slides).
 
 A sliding layer's query ``i`` sees keys ``i - W < j <= i``. Before a compression point that is the model's own
-mask; after it the plug-in rebuilds each layer's mask over the compressed sequence, so it must rebuild a sliding
-layer's as a sliding one (indices of the compressed sequence, which is what the flash kernels' ``window_size``
-applies to the tokens a layer holds). Checked against the real things: the unmodified eager model's attention
-row (importance at a sliding point, the layer's own and PyramidDrop's next-layer one), the eager attention
-probabilities of the compressed layers, the flash-attention 2 code path (the CPU stand-in of its kernels, which
-gets the window from the attention's ``sliding_window`` kwarg) and cached generation with transformers'
-``DynamicSlidingWindowLayer`` caches (which drop keys older than the window).
+mask; after it the plug-in rebuilds each layer's mask over the compressed sequence, a sliding layer's as the
+query's last ``W`` *real* tokens (unused compensation slots are holes between them), which is what the flash
+kernels' ``window_size`` does on the unpadded tokens. Checked against the real things: the unmodified eager
+model's attention row (importance at a sliding point, the layer's own and PyramidDrop's next-layer one), the
+eager attention probabilities of the compressed layers, the flash-attention 2 code path (the CPU stand-in of its
+kernels, which gets the window from the attention's ``sliding_window`` kwarg) and cached generation, where layers
+before the first point keep transformers' ``DynamicSlidingWindowLayer`` caches and the later ones cache whole.
 """
 
 from __future__ import annotations
@@ -92,29 +92,17 @@ def test_windows_are_the_ones_the_layers_use(name):
     assert libra_runtime(plain).windows == (None,) * 6  # use_sliding_window=False (the released configs)
 
 
-def _first_importance(model, config: LibraConfig, batch: dict, monkeypatch) -> torch.Tensor:
-    records = []
-    original = ForwardState.record_importance
-
-    def record(self, layer_idx, query, key, scaling):
-        original(self, layer_idx, query, key, scaling)
-        records.append(self.importance[layer_idx].clone())
-
-    monkeypatch.setattr(ForwardState, "record_importance", record)
-    apply_libra(model, config)
-    with torch.no_grad():
-        model(**batch)
-    return records[0]
-
-
 @pytest.mark.parametrize("name", list(MODELS))
-def test_importance_at_a_sliding_point_is_the_eager_attention_row(name, monkeypatch):
+def test_importance_at_a_sliding_point_is_the_eager_attention_row(name, recorded_importance):
     """The point's query sees only the last ``W`` keys: the part of the image outside them gets no importance."""
     build, make_batch = MODELS[name]
     batch = make_batch("right")
     with torch.no_grad():
         attentions = build("eager")(**batch, output_attentions=True).attentions
-    alpha = _first_importance(build(), LibraConfig(layers=[3, 4], ratio=0.5), batch, monkeypatch)
+    model = apply_libra(build(), LibraConfig(layers=[3, 4], ratio=0.5))
+    with torch.no_grad():
+        model(**batch)
+    alpha = recorded_importance[0].alpha  # at point 3
     last = batch["attention_mask"].sum(1) - 1
     expected = torch.stack([attentions[3][b].mean(0)[last[b]] for b in range(2)])
     assert (expected[0, : int(last[0]) - WINDOW + 1] == 0).all()  # the window cuts through the image
@@ -134,33 +122,27 @@ def test_next_layer_importance_of_a_sliding_layer_is_its_attention_row(monkeypat
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_compressed_sliding_layers_attend_within_their_window(name, monkeypatch):
+def test_compressed_sliding_layers_attend_within_their_window(name, monkeypatch, recorded_importance):
     """Eager attention probabilities after point 1 (sequence shortened): a sliding layer gives 0 to every key
     ``W`` or more tokens back in the compressed sequence, a full layer does not; and the importance recorded at
     the sliding point 3 is that compressed layer's own eager row."""
     build, make_batch = MODELS[name]
     batch = make_batch("right")
-    records, stage_valid = {}, {}
-    record_importance, compress = ForwardState.record_importance, ForwardState.compress
-
-    def record(self, layer_idx, query, key, scaling):
-        record_importance(self, layer_idx, query, key, scaling)
-        records[layer_idx] = (self.importance[layer_idx].clone(), self.query_index.clone())
+    stage_valid = {}
+    compress = ForwardState.compress
 
     def compressed(self, layer_idx, *args, **kwargs):
         hidden = compress(self, layer_idx, *args, **kwargs)
         stage_valid[layer_idx] = self.valid.clone()  # [B, L'] real tokens of the layers from layer_idx on
         return hidden
 
-    monkeypatch.setattr(ForwardState, "record_importance", record)
     monkeypatch.setattr(ForwardState, "compress", compressed)
     model = apply_libra(build("eager"), LibraConfig(layers=[1, 3], ratio=0.5))
     with torch.no_grad():
         out = model(**batch, output_attentions=True)
     assert WINDOW < out.attentions[4].shape[-1] < out.attentions[2].shape[-1] < batch["input_ids"].shape[1]
-    if (
-        name == "llava-mistral"
-    ):  # here a real token follows a hole (an unused compensation slot): slots != tokens
+    # Here a real token follows a hole (an unused compensation slot): slots are not tokens.
+    if name == "llava-mistral":
         assert (stage_valid[2].long().diff(dim=1) > 0).any()
     for layer, window in enumerate(_windows(name)):
         if layer < 2:
@@ -173,7 +155,8 @@ def test_compressed_sliding_layers_attend_within_their_window(name, monkeypatch)
             assert beyond.abs().sum() > 0, f"full layer {layer} ignores keys {WINDOW}+ tokens back"
         else:
             assert (beyond == 0).all(), f"sliding layer {layer} attends beyond its window"
-    alpha, query_index = records[3]  # [B, L'] over the sequence after point 1; [B, 1] the last real token
+    assert [r.layer for r in recorded_importance] == [1, 3]
+    alpha, query_index = recorded_importance[1].alpha, recorded_importance[1].query_index  # [B, L'], [B, 1]
     expected = torch.stack([out.attentions[3][b].mean(0)[query_index[b, 0]] for b in range(2)])
     torch.testing.assert_close(alpha, expected, rtol=1e-5, atol=1e-6)
 
